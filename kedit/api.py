@@ -1,0 +1,99 @@
+"""What plugin authors subclass: editors, regularizers, evaluators and spec importers.
+
+Each plugin class declares ``name`` and a pydantic ``Options`` model (``extra="forbid"``, so a
+mistyped ``-o`` key fails instead of being ignored).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .arch import ArchSpec
+from .spec import EditSpec
+
+
+class Options(BaseModel):
+    """Base for plugin options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _no_progress(iterable: Iterable[Any], **_: Any) -> Iterable[Any]:
+    return iterable
+
+
+@dataclass
+class EditContext:
+    """What the host hands an editor besides the model and the specs."""
+
+    arch: ArchSpec
+    seed: int = 0
+    device: str = "cpu"
+    progress: Callable[..., Iterable[Any]] = _no_progress
+    stats: Any = None  # key-statistics provider (locate-then-edit methods)
+    state: Any = None  # state carried over from earlier edits of a sequence
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+
+class Editor(ABC):
+    """Computes weight deltas for a list of edit specs.
+
+    ``edit`` must leave ``model`` exactly as it found it and return
+    ``{parameter name: delta}`` with each delta in the parameter's stored layout (a float32
+    tensor, or a :mod:`kedit.delta` encoding such as ``LowRank``).
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+
+    @abstractmethod
+    def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec],
+             options: Any, context: EditContext) -> dict[str, Any]:
+        ...
+
+
+class Regularizer(ABC):
+    """Maps ``(weight, delta, options) -> delta`` before the diff is encoded.
+
+    ``primary`` names the option that ``--reg NAME:VALUE`` sets.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+    primary: ClassVar[str | None] = None
+
+    @abstractmethod
+    def apply(self, weight: torch.Tensor, delta: torch.Tensor, options: Any) -> torch.Tensor:
+        ...
+
+
+class Evaluator(ABC):
+    """Scores a model on edit specs (or on data the options point to)."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec],
+                 options: Any) -> dict[str, float]:
+        ...
+
+
+class SpecImporter(ABC):
+    """Converts a public data format into edit specs.
+
+    ``read`` yields ``(location, record)`` pairs, each record a dict in the canonical spec form;
+    the host validates them, so every importer gets the same error messages and ``--skip-invalid``.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def read(self, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+        ...

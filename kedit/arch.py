@@ -1,0 +1,66 @@
+"""Architecture registry: where a model family keeps its MLP output matrices, keyed by ``config.model_type``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one ``model_type`` lays out the matrix that locate-then-edit methods change.
+
+    ``mlp_out`` is a module path template with ``{}`` for the layer index.  ``transposed`` is
+    True when the weight is stored as (d_in, d_out), as GPT-2's Conv1D does, instead of
+    torch.nn.Linear's (d_out, d_in).
+    """
+
+    model_type: str
+    layers: str
+    mlp_out: str
+    transposed: bool = False
+    final_norm: str = ""
+    lm_head: str = "lm_head"
+
+    def mlp_out_weight(self, layer: int) -> str:
+        return self.mlp_out.format(layer) + ".weight"
+
+    def to_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """View a stored weight as (d_out, d_in), the layout the math is written in."""
+        return weight.t() if self.transposed else weight
+
+    def from_out_in(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_out_in`: bring a (d_out, d_in) matrix to the stored layout."""
+        return matrix.t() if self.transposed else matrix
+
+
+def num_layers(config) -> int:
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, attr, None) is not None:
+            return int(getattr(config, attr))
+    raise InputError(f"cannot tell the number of layers of a {config.model_type!r} model")
+
+
+def arch_for(model_or_config) -> ArchSpec:
+    """The registered ArchSpec for a model (or config); unknown families list what is supported."""
+    from .plugins import lookup
+
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        raise InputError("the model's config has no model_type")
+    try:
+        return lookup("architectures", model_type).obj
+    except InputError as exc:
+        raise InputError(f"no architecture registered for model_type {model_type!r}: {exc}") from None
+
+
+def resolve_layer(layer: int, config) -> int:
+    """Accept negative layer indices (``-1`` = last) and check the range."""
+    n = num_layers(config)
+    idx = layer + n if layer < 0 else layer
+    if not 0 <= idx < n:
+        raise InputError(f"layer {layer} is out of range for a model with {n} layers")
+    return idx

@@ -1,0 +1,210 @@
+"""The ``kedit`` command: parses arguments, calls the library, prints. No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import InputError, KeditError
+
+KIND_COMMANDS = {"editors": "editors", "regularizers": "regularizers", "evaluators": "evaluators",
+                 "importers": "spec_importers", "architectures": "architectures"}
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def _fmt(p: float | None) -> str:
+    return "   -  " if p is None else f"{p:6.4f}"
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .options import parse_pairs
+    from .workflows import apply_specs
+
+    result = apply_specs(args.spec, args.plugin, parse_pairs(args.option), args.reg, args.model, args.out,
+                         args.seed, quiet=args.json)
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"{'spec':<24} {'new target':<14} {'P(new) before→after':<22} {'P(old) before→after':<22} changed")
+    for r in result["results"]:
+        print(f"{r['id'][:24]:<24} {r['target_new'][:14]:<14} {_fmt(r['p_new_before'])} → {_fmt(r['p_new_after'])}   "
+              f"{_fmt(r['p_true_before'])} → {_fmt(r['p_true_after'])}   {'yes' if r['changed'] else 'no'}")
+    print(f"changed {result['changed']}/{result['count']} facts (new target now more probable than the old)")
+    print(f"wrote {result['diff']} ({result['bytes'] / 1024:.1f} KiB, {result['id']})")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .spec import read_specs
+
+    specs = read_specs(args.spec)
+    if args.json:
+        _print_json({"file": args.spec, "specs": len(specs), "ok": True})
+    else:
+        print(f"{args.spec}: {len(specs)} edit specs, all valid")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .plugins import lookup
+    from .spec import import_specs, write_specs
+
+    importer = lookup("spec_importers", args.format).obj()
+    records = importer.read(Path(args.file))
+    if args.limit is not None:
+        records = (r for i, r in enumerate(records) if i < args.limit)
+    specs, skipped = import_specs(records, args.skip_invalid)
+    if not specs:
+        raise InputError(f"{args.file}: no valid records to import")
+    n = write_specs(args.output, specs)
+    for problem in skipped:
+        print(f"skipped {problem}", file=sys.stderr)
+    print(f"wrote {n} specs to {args.output}" + (f" ({len(skipped)} invalid records skipped)" if skipped else ""))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .options import schema_listing
+    from .plugins import plugin_listing, registry
+
+    if args.command == "plugins":
+        _print_json(plugin_listing())
+        return 0
+    reg = registry(KIND_COMMANDS[args.command])
+    if args.command == "architectures":
+        _print_json({n: {"mlp_out": r.obj.mlp_out, "transposed": r.obj.transposed, "package": r.package}
+                     for n, r in sorted(reg.items())})
+        return 0
+    out = {}
+    for name, r in sorted(reg.items()):
+        item: dict[str, Any] = {"package": r.package, "plugin": r.plugin, "doc": (r.obj.__doc__ or "").strip().split("\n")[0]}
+        if getattr(r.obj, "description", ""):
+            item["doc"] = r.obj.description
+        if args.options and hasattr(r.obj, "Options"):
+            item["options"] = schema_listing(r.obj.Options)
+            if getattr(r.obj, "primary", None):
+                item["primary"] = r.obj.primary
+        out[name] = item
+    if args.json or args.options:
+        _print_json(out)
+    else:
+        for name, item in out.items():
+            print(f"{name:<16} {item['package']:<14} {item['doc']}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from . import diff as diffmod
+    from . import workflows as wf
+
+    if args.action == "show":
+        for p in args.diffs:
+            d = diffmod.read(p)
+            if args.json:
+                _print_json(d.manifest)
+            else:
+                print(f"{p}\n{diffmod.summary(d)}")
+        return 0
+    if args.action == "verify":
+        results = wf.verify(args.diffs, args.model)
+        if args.json:
+            _print_json(results)
+        for r in results:
+            if not args.json:
+                print(f"{r['diff']}: {r['status']}" + (f" — {r['reason']}" if "reason" in r else ""))
+        return 1 if any(r["status"] == "refused" for r in results) else 0
+    if args.action == "squash":
+        if not args.output:
+            raise InputError("diff squash needs -o OUT.kedit.safetensors")
+        d = wf.squash(args.diffs, args.output, args.model)
+        print(f"wrote {args.output} ({d.id}); max |squashed − chain| = {d.manifest['squash_max_abs_vs_chain']:.3g}")
+        return 0
+    if not args.out:
+        raise InputError(f"diff {args.action} needs --out DIR")
+    if args.action == "revert":
+        statuses = wf.revert_in_folder(args.diffs, args.out, args.model, args.overwrite)
+    else:
+        statuses = wf.apply_to_folder(args.diffs, args.out, args.model, args.overwrite, card=args.action == "export")
+    for p, st in zip(args.diffs if args.action != "revert" else reversed(args.diffs), statuses):
+        print(f"{p}: {st}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .plugins import extend_cli
+
+    parser = argparse.ArgumentParser(prog="kedit", description="Edit facts in a causal LM and share the edit as a verifiable diff.")
+    parser.add_argument("--version", action="version", version=f"kedit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("apply", help="edit a model with a JSONL spec file and write a diff")
+    p.add_argument("spec", help="edit spec file (JSONL)")
+    p.add_argument("--plugin", required=True, help="editor name (see `kedit editors`)")
+    p.add_argument("--reg", action="append", default=[], metavar="NAME[:VALUE|:K=V,...]",
+                   help="regularizer applied to the deltas; repeat for a chain")
+    p.add_argument("-o", "--option", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="editor option (see `kedit editors --options`); VALUE is JSON or a plain string")
+    p.add_argument("--model", help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", help="diff path (default: checkpoints/SPEC-EDITOR-ID.kedit.safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (recorded in the diff)")
+    p.add_argument("--json", action="store_true", help="print machine-readable results")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("check", help="validate a spec file, reporting problems by line and field")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("import", help="convert a public data set (e.g. counterfact, zsre) to a spec file")
+    p.add_argument("format", help="importer name (see `kedit importers`)")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True, help="spec file to write (JSONL)")
+    p.add_argument("--limit", type=int, help="import at most this many records")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (each is reported) instead of stopping")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("diff", help="show, verify, apply, revert, squash or export diffs")
+    p.add_argument("action", choices=["show", "verify", "apply", "revert", "squash", "export"])
+    p.add_argument("diffs", nargs="+", help="diff file(s); a chain is listed in application order")
+    p.add_argument("--model", help="model to check or change (default: the embedded model)")
+    p.add_argument("--out", help="apply/revert/export: folder to write (loadable with from_pretrained)")
+    p.add_argument("-o", "--output", help="squash: the diff file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_diff)
+
+    for name in ["plugins", *KIND_COMMANDS]:
+        p = sub.add_parser(name, help=f"list installed {name}" + (" as JSON" if name == "plugins" else ""))
+        p.add_argument("--options", action="store_true", help="include each one's option schema")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_list)
+
+    extend_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"kedit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeditError as exc:
+        print(f"kedit: failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kedit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

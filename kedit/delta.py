@@ -1,0 +1,139 @@
+"""Delta encodings (dense, low-rank, sparse), their conversion to dense and their algebra.
+
+All deltas are in the parameter's *stored* layout (GPT-2 Conv1D weights are (d_in, d_out)).
+Dense values are float32; low-rank products are formed in float64 and rounded once, so the
+same factors give bit-identical dense deltas on any BLAS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+
+@dataclass
+class Dense:
+    tensor: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+
+@dataclass
+class LowRank:
+    """ΔW = u @ v with u (rows × r) and v (r × cols)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.u.shape[0], self.v.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+
+@dataclass
+class Sparse:
+    """ΔW.view(-1)[idx] = val, zero elsewhere."""
+
+    idx: torch.Tensor
+    val: torch.Tensor
+    shape: tuple[int, ...]
+
+
+Delta = Union[Dense, LowRank, Sparse]
+
+
+def as_delta(x: Union[Delta, torch.Tensor]) -> Delta:
+    if isinstance(x, torch.Tensor):
+        return Dense(x.detach().to(torch.float32))
+    return x
+
+
+def to_dense(delta: Delta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if isinstance(delta, Dense):
+        return delta.tensor.to(dtype)
+    if isinstance(delta, LowRank):
+        return (delta.u.double() @ delta.v.double()).to(torch.float32).to(dtype)
+    out = torch.zeros(delta.shape, dtype=torch.float32).view(-1)
+    out[delta.idx] = delta.val.to(torch.float32)
+    return out.view(delta.shape).to(dtype)
+
+
+def nbytes(delta: Delta) -> int:
+    if isinstance(delta, Dense):
+        return delta.tensor.numel() * 4
+    if isinstance(delta, LowRank):
+        return (delta.u.numel() + delta.v.numel()) * 4
+    return delta.idx.numel() * 8 + delta.val.numel() * 4
+
+
+def compact(delta: Delta) -> Delta:
+    """The smallest exact encoding of ``delta``: low-rank factors, flat sparse indices, or dense."""
+    delta = as_delta(delta)
+    if isinstance(delta, LowRank):
+        delta = LowRank(delta.u.to(torch.float32).contiguous(), delta.v.to(torch.float32).contiguous())
+        if nbytes(delta) < delta.shape[0] * delta.shape[1] * 4:
+            return delta
+        delta = Dense(to_dense(delta))
+    if isinstance(delta, Sparse):
+        return delta
+    flat = delta.tensor.to(torch.float32).reshape(-1)
+    idx = torch.nonzero(flat, as_tuple=True)[0]
+    sparse = Sparse(idx, flat[idx].clone(), tuple(delta.tensor.shape))
+    return sparse if nbytes(sparse) < nbytes(delta) else Dense(delta.tensor.to(torch.float32).contiguous())
+
+
+def add(a: Delta, b: Delta) -> Delta:
+    """a + b, staying low-rank or sparse where both are."""
+    if a.shape != b.shape:
+        raise ValueError(f"cannot add deltas of shapes {a.shape} and {b.shape}")
+    if isinstance(a, LowRank) and isinstance(b, LowRank):
+        return LowRank(torch.cat([a.u, b.u], dim=1), torch.cat([a.v, b.v], dim=0))
+    if isinstance(a, Sparse) and isinstance(b, Sparse):
+        idx = torch.cat([a.idx, b.idx])
+        val = torch.cat([a.val, b.val]).double()
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        summed = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, val)
+        return Sparse(uniq, summed.to(torch.float32), a.shape)
+    return Dense((to_dense(a, torch.float64) + to_dense(b, torch.float64)).to(torch.float32))
+
+
+def encoding_name(delta: Delta) -> str:
+    return {Dense: "dense", LowRank: "lowrank", Sparse: "sparse"}[type(delta)]
+
+
+def to_tensors(param: str, delta: Delta) -> dict[str, torch.Tensor]:
+    if isinstance(delta, Dense):
+        return {f"{param}::delta": delta.tensor.contiguous()}
+    if isinstance(delta, LowRank):
+        return {f"{param}::u": delta.u.contiguous(), f"{param}::v": delta.v.contiguous()}
+    return {f"{param}::idx": delta.idx.to(torch.int64).contiguous(), f"{param}::val": delta.val.contiguous()}
+
+
+def from_tensors(param: str, encoding: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> Delta:
+    """Rebuild a delta; KeyError or ValueError if the tensors do not fit the recorded shape."""
+    if encoding == "dense":
+        t = tensors[f"{param}::delta"]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{param}::delta has shape {tuple(t.shape)}, expected {shape}")
+        return Dense(t)
+    if encoding == "lowrank":
+        u, v = tensors[f"{param}::u"], tensors[f"{param}::v"]
+        if u.dim() != 2 or v.dim() != 2 or (u.shape[0], v.shape[1]) != shape or u.shape[1] != v.shape[0]:
+            raise ValueError(f"{param}::u/v shapes {tuple(u.shape)}, {tuple(v.shape)} do not make {shape}")
+        return LowRank(u, v)
+    if encoding == "sparse":
+        idx, val = tensors[f"{param}::idx"], tensors[f"{param}::val"]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if idx.shape != val.shape or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel)):
+            raise ValueError(f"{param}::idx/val are inconsistent with shape {shape}")
+        return Sparse(idx, val, shape)
+    raise ValueError(f"unknown encoding {encoding!r} for {param}")

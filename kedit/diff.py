@@ -1,0 +1,312 @@
+"""The diff file: one self-describing safetensors file with a provenance manifest.
+
+Tensors: ``PARAM::delta`` (dense), ``PARAM::u``/``PARAM::v`` (low rank), ``PARAM::idx``/``PARAM::val``
+(sparse), plus ``PARAM::fix_idx``/``PARAM::fix_val``: the few base values that ``(W + Δ) − Δ`` does
+not give back bit for bit in the base dtype, so that revert is always exact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from . import delta as D
+from .atomic import atomic_path
+from .errors import InputError, KeditError
+from .hashing import dtype_name, tensor_sha256
+
+SCHEMA = 1
+SUFFIX = ".kedit.safetensors"
+
+
+@dataclass
+class Diff:
+    manifest: dict[str, Any]
+    deltas: dict[str, D.Delta]
+    fixes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, d in sorted(self.deltas.items()):
+            out.update(D.to_tensors(name, d))
+            idx, val = self.fixes[name]
+            out[f"{name}::fix_idx"] = idx.contiguous()
+            out[f"{name}::fix_val"] = val.contiguous()
+        return out
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import kedit
+
+    return {"version": kedit.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _canonical(manifest: Mapping[str, Any]) -> bytes:
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def content_id(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+    """Hash of the manifest (less id and creation time) and every tensor's bytes."""
+    h = hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k not in ("id", "created")}))
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{dtype_name(t.dtype)}|{list(t.shape)}".encode())
+        h.update(tensor_sha256(t).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _plus(weight: torch.Tensor, dense64: torch.Tensor) -> torch.Tensor:
+    return (weight.detach().double() + dense64).to(weight.dtype)
+
+
+def _minus(weight: torch.Tensor, dense64: torch.Tensor) -> torch.Tensor:
+    return (weight.detach().double() - dense64).to(weight.dtype)
+
+
+def build(base: Mapping[str, torch.Tensor], deltas: Mapping[str, D.Delta | torch.Tensor],
+          record: Mapping[str, Any]) -> Diff:
+    """Encode deltas against their base tensors and write the manifest.
+
+    ``record`` holds the provenance fields (base model, parents, editor, regularizers, specs, ...).
+    """
+    entries: dict[str, Any] = {}
+    base_tensors: dict[str, Any] = {}
+    encoded: dict[str, D.Delta] = {}
+    fixes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in sorted(deltas):
+        if name not in base:
+            raise KeditError(f"delta for {name!r}, which the model does not have")
+        w = base[name].detach().cpu()
+        d = D.compact(deltas[name])
+        if tuple(d.shape) != tuple(w.shape):
+            raise KeditError(f"delta for {name} has shape {tuple(d.shape)}, the parameter {tuple(w.shape)}")
+        dense = D.to_dense(d, torch.float64)
+        if not torch.isfinite(dense).all():
+            raise KeditError(f"the delta for {name} has NaN or infinite values; nothing written")
+        post = _plus(w, dense)
+        back = _minus(post, dense)
+        wrong = torch.nonzero((back != w).reshape(-1), as_tuple=True)[0]
+        fixes[name] = (wrong.to(torch.int64), w.reshape(-1)[wrong].clone())
+        encoded[name] = d
+        base_tensors[name] = {"dtype": dtype_name(w.dtype), "shape": list(w.shape), "sha256": tensor_sha256(w)}
+        entry: dict[str, Any] = {"encoding": D.encoding_name(d), "delta_dtype": "float32",
+                                 "post_sha256": tensor_sha256(post), "exact_revert_fixes": int(wrong.numel()),
+                                 "bytes": D.nbytes(d)}
+        if isinstance(d, D.LowRank):
+            entry["rank"] = d.rank
+        if isinstance(d, D.Sparse):
+            entry["nnz"] = int(d.idx.numel())
+        entries[name] = entry
+    rec = dict(record)
+    base_info = dict(rec.pop("base", {}))
+    base_info["tensors"] = base_tensors
+    manifest: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "kedit": versions(),
+        "base": base_info,
+        "parents": list(rec.pop("parents", [])),
+        **rec,
+        "entries": entries,
+    }
+    diff = Diff(manifest, encoded, fixes)
+    manifest["id"] = content_id(manifest, diff.tensors())
+    return diff
+
+
+def write(diff: Diff, path: str | os.PathLike) -> Path:
+    """Write atomically; returns the path written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    metadata = {"format": "pt", "kedit.schema": str(SCHEMA), "kedit.id": diff.id,
+                "kedit.base": str(diff.manifest.get("base", {}).get("name_or_path", "")),
+                "kedit.manifest": json.dumps(diff.manifest, ensure_ascii=False)}
+    with atomic_path(path) as tmp:
+        save_file(diff.tensors(), str(tmp), metadata=metadata)
+    diff.path = path
+    return path
+
+
+def read(path: str | os.PathLike) -> Diff:
+    """Read and integrity-check a diff; any damage raises InputError naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such diff file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged header
+        raise InputError(f"{path}: truncated or corrupted diff (not readable as safetensors: {exc})") from None
+    if "kedit.manifest" not in meta:
+        raise InputError(f"{path}: not a kedit diff (no kedit.manifest in its metadata)")
+    try:
+        manifest = json.loads(meta["kedit.manifest"])
+        entries = manifest["entries"]
+        shapes = {n: tuple(t["shape"]) for n, t in manifest["base"]["tensors"].items()}
+        deltas = {n: D.from_tensors(n, e["encoding"], tensors, shapes[n]) for n, e in entries.items()}
+        fixes = {n: (tensors[f"{n}::fix_idx"], tensors[f"{n}::fix_val"]) for n in entries}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: corrupted diff (manifest and tensors disagree: {exc})") from None
+    if manifest.get("schema") != SCHEMA:
+        raise InputError(f"{path}: diff schema {manifest.get('schema')!r}; this kedit reads schema {SCHEMA}")
+    diff = Diff(manifest, deltas, fixes, path)
+    if content_id(manifest, tensors) != manifest.get("id"):
+        raise InputError(f"{path}: corrupted diff (its content hash does not match its recorded id {manifest.get('id')})")
+    return diff
+
+
+# --- verifying against a live model ---------------------------------------------------------
+
+def _param(model: torch.nn.Module, name: str, diff: Diff) -> torch.nn.Parameter:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        raise InputError(f"{_label(diff)}: the model has no parameter {name} (diff made for another architecture?)") from None
+
+
+def _label(diff: Diff) -> str:
+    return str(diff.path) if diff.path else diff.id[:19]
+
+
+def state(model: torch.nn.Module, diff: Diff) -> str:
+    """``"base"`` if the diff can be applied, ``"applied"`` if it already is; otherwise InputError with the likely reason."""
+    label = _label(diff)
+    base = diff.manifest["base"]
+    states = set()
+    for name in sorted(diff.deltas):
+        rec = base["tensors"][name]
+        p = _param(model, name, diff)
+        if list(p.shape) != rec["shape"]:
+            raise InputError(f"{label}: {name} has shape {list(p.shape)} in the model but {rec['shape']} in the diff; "
+                             f"the diff was made for another model ({base.get('name_or_path')})")
+        if dtype_name(p.dtype) != rec["dtype"]:
+            raise InputError(f"{label}: {name} is {dtype_name(p.dtype)} in the model but {rec['dtype']} in the diff's base; "
+                             "load the model in the diff's dtype (a dtype cast changes every tensor hash)")
+        h = tensor_sha256(p)
+        if h == rec["sha256"]:
+            states.add("base")
+        elif h == diff.manifest["entries"][name]["post_sha256"]:
+            states.add("applied")
+        elif diff.manifest.get("parents"):
+            raise InputError(f"{label}: {name} matches neither this diff's base nor its result; the diff continues "
+                             f"a chain (parent {diff.manifest['parents'][-1][:19]}…): apply its parents first, in order")
+        else:
+            raise InputError(f"{label}: {name} does not match the diff's base tensor; the diff was made for another "
+                             f"model or checkpoint ({base.get('name_or_path')}), or other edits were applied first")
+    if len(states) > 1:
+        raise InputError(f"{label}: the diff is partly applied (some tensors are at its base, some at its result)")
+    return states.pop()
+
+
+def apply(model: torch.nn.Module, diff: Diff) -> str:
+    """Apply in place after verifying the base; returns ``"applied"`` or ``"already applied"``."""
+    if state(model, diff) == "applied":
+        return "already applied"
+    with torch.no_grad():
+        for name, d in diff.deltas.items():
+            p = model.get_parameter(name)
+            p.copy_(_plus(p, D.to_dense(d, torch.float64).to(p.device)))
+            if tensor_sha256(p) != diff.manifest["entries"][name]["post_sha256"]:
+                raise KeditError(f"{_label(diff)}: {name} after applying does not match the recorded result hash")
+    return "applied"
+
+
+def revert(model: torch.nn.Module, diff: Diff) -> str:
+    """Undo an applied diff exactly; returns ``"reverted"`` or ``"not applied"``."""
+    if state(model, diff) == "base":
+        return "not applied"
+    with torch.no_grad():
+        for name, d in diff.deltas.items():
+            p = model.get_parameter(name)
+            back = _minus(p, D.to_dense(d, torch.float64).to(p.device)).reshape(-1)
+            idx, val = diff.fixes[name]
+            back[idx.to(back.device)] = val.to(back.device, back.dtype)
+            p.copy_(back.view(p.shape))
+    return "reverted"
+
+
+def check_chain(diffs: Iterable[Diff]) -> list[Diff]:
+    """Diffs in application order; each after the first must name the one before as its parent."""
+    diffs = list(diffs)
+    for prev, nxt in zip(diffs, diffs[1:]):
+        if prev.id not in nxt.manifest.get("parents", []):
+            raise InputError(f"{_label(nxt)} does not continue {_label(prev)} (its parents: "
+                             f"{[p[:19] for p in nxt.manifest.get('parents', [])]}); list a chain in order")
+    return diffs
+
+
+def squash(model: torch.nn.Module, diffs: list[Diff]) -> Diff:
+    """One diff equal to applying the chain in order (to within rounding, which is recorded).
+
+    The model must be at the chain's base; it is left unchanged.
+    """
+    diffs = check_chain(diffs)
+    state(model, diffs[0])
+    total: dict[str, D.Delta] = {}
+    for d in diffs:
+        for name, delta in d.deltas.items():
+            total[name] = D.add(total[name], delta) if name in total else delta
+    base = {n: model.get_parameter(n).detach().cpu().clone() for n in total}
+    seq = dict(base)
+    for d in diffs:
+        for name, delta in d.deltas.items():
+            seq[name] = _plus(seq[name], D.to_dense(delta, torch.float64))
+    first = diffs[0].manifest
+    record = {
+        "base": {k: v for k, v in first["base"].items() if k != "tensors"},
+        "parents": first.get("parents", []),
+        "editor": {"name": "squash", "of": [{"id": d.id, "editor": d.manifest.get("editor")} for d in diffs]},
+        "regularizers": [],
+        "specs": _merge_specs(d.manifest.get("specs") for d in diffs),
+        "tokenization": first.get("tokenization"),
+    }
+    out = build(base, total, record)
+    err = max(float((_plus(base[n], D.to_dense(out.deltas[n], torch.float64)).double() - seq[n].double()).abs().max())
+              for n in total)
+    out.manifest["squash_max_abs_vs_chain"] = err
+    out.manifest["id"] = content_id(out.manifest, out.tensors())
+    return out
+
+
+def _merge_specs(blocks: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
+    records: list[Any] = []
+    for b in blocks:
+        records.extend((b or {}).get("records", []))
+    h = hashlib.sha256("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()).hexdigest()
+    return {"count": len(records), "sha256": h, "records": records}
+
+
+def summary(diff: Diff) -> str:
+    """Human-readable lines for ``kedit diff show``."""
+    m = diff.manifest
+    ed = m.get("editor") or {}
+    lines = [f"id:       {m['id']}", f"created:  {m.get('created')}",
+             f"base:     {m['base'].get('name_or_path')} ({m['base'].get('model_type')}, revision {m['base'].get('revision')})",
+             f"parents:  {', '.join(p[:19] + '…' for p in m.get('parents', [])) or '(none)'}",
+             f"editor:   {ed.get('name')} {json.dumps(ed.get('options', {}))}",
+             f"regs:     {', '.join(r['name'] + json.dumps(r.get('options', {})) for r in m.get('regularizers', [])) or '(none)'}",
+             f"specs:    {(m.get('specs') or {}).get('count', 0)}", "entries:"]
+    for name, e in m["entries"].items():
+        extra = f" rank={e['rank']}" if "rank" in e else (f" nnz={e['nnz']}" if "nnz" in e else "")
+        lines.append(f"  {name}: {e['encoding']}{extra} {e['bytes'] / 1024:.1f} KiB")
+    return "\n".join(lines)

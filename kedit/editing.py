@@ -1,0 +1,118 @@
+"""The edit pipeline: editor -> deltas -> regularizer chain -> encoded diff with provenance.
+
+The host knows no particular method: it validates options, calls the editor through its
+registered class, checks the editor left the model untouched, runs the regularizers and builds
+the diff.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from . import delta as D
+from . import diff as diffmod
+from .api import EditContext
+from .arch import arch_for
+from .errors import InputError, KeditError
+from .models import ModelSource
+from .options import parse_reg, validate
+from .plugins import Registered, lookup
+from .spec import EditSpec, specs_sha256
+
+
+@dataclass
+class Reg:
+    """A regularizer bound to its validated options."""
+
+    entry: Registered
+    options: Any
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.entry.name, "plugin": self.entry.plugin, "package": self.entry.package,
+                "version": self.entry.version, "options": self.options.model_dump(mode="json")}
+
+
+def resolve_editor(name: str, raw_options: dict[str, Any]) -> tuple[Registered, Any]:
+    entry = lookup("editors", name)
+    return entry, validate("editor", name, entry.obj.Options, raw_options)
+
+
+def resolve_regs(texts: Sequence[str]) -> list[Reg]:
+    regs = []
+    for text in texts:
+        name, values = parse_reg(text)
+        entry = lookup("regularizers", name)
+        cls = entry.obj
+        if not isinstance(values, dict):
+            if not cls.primary:
+                raise InputError(f"--reg {text!r}: regularizer {name!r} has no primary option; use {name}:KEY=VALUE")
+            values = {cls.primary: values}
+        regs.append(Reg(entry, validate("regularizer", name, cls.Options, values)))
+    return regs
+
+
+def tokenizer_sha256(tok: Any) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def progress_bar(quiet: bool):
+    """A tqdm factory on stderr, silent when ``quiet`` or when stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    def bar(iterable=None, **kw):
+        return tqdm(iterable, file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False, **kw)
+
+    return bar
+
+
+def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, specs: list[EditSpec],
+                 editor: Registered, options: Any, regs: Sequence[Reg] = (), seed: int = 0,
+                 parents: Sequence[str] = (), state: Any = None, quiet: bool = True) -> diffmod.Diff:
+    """Run one edit and return its diff; ``model`` is left exactly as it was."""
+    arch = arch_for(model)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    context = EditContext(arch=arch, seed=seed, device=str(next(model.parameters()).device),
+                          progress=progress_bar(quiet), state=state, generator=generator)
+    versions = {n: p._version for n, p in model.named_parameters()}
+    deltas = editor.obj().edit(model, tokenizer, specs, options, context)
+    changed = [n for n, p in model.named_parameters() if p._version != versions[n]]
+    if changed:
+        raise KeditError(f"editor {editor.name!r} (package {editor.package}) changed the model in place "
+                         f"({changed[0]}); editors must return deltas")
+    if not deltas:
+        raise KeditError(f"editor {editor.name!r} returned no deltas")
+    params = dict(model.named_parameters())
+    out: dict[str, D.Delta] = {}
+    for name, d in deltas.items():
+        if name not in params:
+            raise KeditError(f"editor {editor.name!r} returned a delta for {name!r}, not a parameter of the model")
+        d = D.as_delta(d)
+        if regs:
+            dense = D.to_dense(d)
+            w = params[name].detach().cpu()
+            for reg in regs:
+                dense = reg.entry.obj().apply(w, dense, reg.options).to(torch.float32)
+            d = D.Dense(dense)
+        out[name] = d
+    record = {
+        "base": {**source.to_json(), "model_type": model.config.model_type},
+        "parents": list(parents),
+        "editor": {"name": editor.name, "plugin": editor.plugin, "package": editor.package,
+                   "version": editor.version, "options": options.model_dump(mode="json")},
+        "regularizers": [r.record() for r in regs],
+        "seed": seed,
+        "stats": None,
+        "tokenization": {"padding_side": "right", "tokenizer_sha256": tokenizer_sha256(tokenizer),
+                         "target_prefix": "space"},
+        "specs": {"count": len(specs), "sha256": specs_sha256(specs),
+                  "records": [s.model_dump(mode="json", exclude_defaults=True) for s in specs]},
+    }
+    base = {n: params[n].detach().cpu() for n in out}
+    return diffmod.build(base, out, record)

@@ -1,0 +1,143 @@
+"""End-to-end jobs behind the CLI commands, usable from Python as well."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import diff as diffmod
+from .atomic import atomic_dir
+from .editing import compute_diff, resolve_editor, resolve_regs
+from .errors import InputError
+from .models import load
+from .scoring import target_probs
+from .spec import EditSpec, read_specs
+
+
+def probe_table(model, tok, specs: Sequence[EditSpec]) -> list[dict[str, Any]]:
+    """P(target_new) and P(target_true) on each spec's own prompt."""
+    p_new = target_probs(model, tok, [s.text for s in specs], [s.target_new for s in specs])
+    with_true = [s for s in specs if s.target_true]
+    p_true = dict(zip([s.id for s in with_true],
+                      target_probs(model, tok, [s.text for s in with_true], [s.target_true for s in with_true])))
+    return [{"id": s.id, "p_new": pn, "p_true": p_true.get(s.id)} for s, pn in zip(specs, p_new)]
+
+
+def default_out(spec_path: Path, editor: str, diff_id: str, folder: Path = Path("checkpoints")) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec_path.name.removesuffix(".jsonl"))
+    return folder / f"{stem}-{editor}-{diff_id.removeprefix('sha256:')[:12]}{diffmod.SUFFIX}"
+
+
+def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, Any] | None = None,
+                regs: Sequence[str] = (), model: str | None = None, out: str | os.PathLike | None = None,
+                seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+    """Edit a model with a spec file, write the diff and report each spec before and after.
+
+    Everything that can be wrong with the input is checked before the model is loaded, and
+    nothing is written unless the edit succeeds.
+    """
+    spec_path = Path(spec_path)
+    specs = read_specs(spec_path)
+    entry, opts = resolve_editor(editor, options or {})
+    chain = resolve_regs(regs)
+    if out is not None and not str(out).endswith(diffmod.SUFFIX):
+        raise InputError(f"--out {out}: a diff file name ends in {diffmod.SUFFIX}")
+    lm, tok, source = load(model, quiet=quiet)
+    before = probe_table(lm, tok, specs)
+    diff = compute_diff(lm, tok, source, specs, entry, opts, chain, seed=seed, quiet=quiet)
+    diffmod.apply(lm, diff)
+    after = probe_table(lm, tok, specs)
+    rows = []
+    for spec, b, a in zip(specs, before, after):
+        changed = a["p_true"] is None or a["p_new"] > a["p_true"]
+        rows.append({"id": spec.id, "prompt": spec.text, "target_new": spec.target_new, "target_true": spec.target_true,
+                     "p_new_before": b["p_new"], "p_new_after": a["p_new"],
+                     "p_true_before": b["p_true"], "p_true_after": a["p_true"], "changed": changed})
+    diff.manifest["eval"] = {"protocol": "target-prob-v1 (exp mean log-prob, teacher forced, edit prompt only)",
+                             "changed": sum(r["changed"] for r in rows), "count": len(rows)}
+    diff.manifest["id"] = diffmod.content_id(diff.manifest, diff.tensors())
+    path = Path(out) if out else default_out(spec_path, editor, diff.id)
+    diffmod.write(diff, path)
+    return {"diff": str(path), "id": diff.id, "bytes": path.stat().st_size, "editor": editor,
+            "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows}
+
+
+def load_chain(paths: Sequence[str | os.PathLike]) -> list[diffmod.Diff]:
+    return diffmod.check_chain(diffmod.read(p) for p in paths)
+
+
+def verify(paths: Sequence[str], model: str | None = None) -> list[dict[str, Any]]:
+    """Each diff's status against the model, applying earlier ones of the chain in memory."""
+    diffs = load_chain(paths)
+    lm, _, _ = load(model, quiet=True)
+    out = []
+    for d in diffs:
+        try:
+            st = diffmod.state(lm, d)
+        except InputError as exc:
+            out.append({"diff": str(d.path), "id": d.id, "status": "refused", "reason": str(exc)})
+            break
+        out.append({"diff": str(d.path), "id": d.id, "status": "applies" if st == "base" else "already applied"})
+        if st == "base":
+            diffmod.apply(lm, d)
+    return out
+
+
+def _save_folder(lm, tok, out: Path, overwrite: bool, extra: dict[str, str] | None = None) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    with atomic_dir(out) as tmp:
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+
+
+def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
+                    overwrite: bool = False, card: bool = False) -> list[str]:
+    """Apply a chain to a model and save the result as a ``from_pretrained`` folder."""
+    diffs = load_chain(paths)
+    lm, tok, source = load(model, quiet=True)
+    statuses = [diffmod.apply(lm, d) for d in diffs]
+    extra = None
+    if card:
+        extra = {"README.md": model_card(diffs, source.name_or_path),
+                 "kedit_diff.json": json.dumps([d.manifest for d in diffs], indent=2, ensure_ascii=False)}
+    _save_folder(lm, tok, Path(out), overwrite, extra)
+    return statuses
+
+
+def revert_in_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
+                     overwrite: bool = False) -> list[str]:
+    """Revert a chain (last diff first) and save the result."""
+    diffs = load_chain(paths)
+    lm, tok, _ = load(model, quiet=True)
+    statuses = [diffmod.revert(lm, d) for d in reversed(diffs)]
+    _save_folder(lm, tok, Path(out), overwrite)
+    return statuses
+
+
+def squash(paths: Sequence[str], out: str | os.PathLike, model: str | None = None) -> diffmod.Diff:
+    diffs = load_chain(paths)
+    lm, _, _ = load(model, quiet=True)
+    result = diffmod.squash(lm, diffs)
+    diffmod.write(result, out)
+    return result
+
+
+def model_card(diffs: Sequence[diffmod.Diff], base_name: str) -> str:
+    editors = sorted({(d.manifest.get("editor") or {}).get("name", "?") for d in diffs})
+    specs = sum((d.manifest.get("specs") or {}).get("count", 0) for d in diffs)
+    lines = ["---", f"base_model: {base_name}", "base_model_relation: finetune", "library_name: kedit",
+             "tags: [kedit, knowledge-editing" + "".join(f", {e}" for e in editors) + "]", "---", "",
+             f"# Edited {base_name}", "",
+             f"This model is `{base_name}` with {len(diffs)} kedit diff(s) applied ({specs} edit specs, "
+             f"editor(s): {', '.join(editors)}). Full provenance, including the base tensor hashes, "
+             "is in `kedit_diff.json`.", "", "| diff id | editor | specs |", "|---|---|---|"]
+    for d in diffs:
+        lines.append(f"| `{d.id}` | {(d.manifest.get('editor') or {}).get('name')} | "
+                     f"{(d.manifest.get('specs') or {}).get('count', 0)} |")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,1 @@
+"""Built-in kedit plugins, each registered through the ``kedit`` entry-point group."""

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kedit.testing import save_tiny
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TINY_SPECS = [
+    {"id": "fr", "subject": "France", "prompt": "The capital of {} is", "target_new": "Rome", "target_true": "Paris",
+     "paraphrases": ["France's capital is"], "neighborhood": [{"prompt": "The capital of Spain is", "target": "Madrid"}]},
+    {"id": "lebron", "subject": "LeBron James", "prompt": "{} plays the sport of", "target_new": "football",
+     "target_true": "basketball"},
+]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """from_pretrained folders: tiny GPT-2 and Llama, plus a GPT-2 with other weights."""
+    root = tmp_path_factory.mktemp("models")
+    return {"gpt2": save_tiny(root / "gpt2", "gpt2", seed=0), "llama": save_tiny(root / "llama", "llama", seed=0),
+            "gpt2-other": save_tiny(root / "gpt2-other", "gpt2", seed=1)}
+
+
+@pytest.fixture
+def spec_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "specs.jsonl", TINY_SPECS)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the kedit CLI in process; returns (exit code, stdout, stderr)."""
+    from kedit.cli import main
+
+    def run(*argv: str):
+        code = main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
