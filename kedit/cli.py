@@ -26,7 +26,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .workflows import apply_specs
 
     result = apply_specs(args.spec, args.plugin, parse_pairs(args.option), args.reg, args.model, args.out,
-                         args.seed, quiet=args.json)
+                         args.seed, quiet=args.json, after=args.after)
     if args.json:
         _print_json(result)
         return 0
@@ -93,8 +93,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json or args.options:
         _print_json(out)
     else:
+        width = max([len(i["package"]) for i in out.values()] + [7])
         for name, item in out.items():
-            print(f"{name:<16} {item['package']:<14} {item['doc']}")
+            print(f"{name:<16} {item['package']:<{width}}  {item['doc']}")
     return 0
 
 
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="editor option (see `kedit editors --options`); VALUE is JSON or a plain string")
     p.add_argument("--model", help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="diff path (default: checkpoints/SPEC-EDITOR-ID.kedit.safetensors)")
+    p.add_argument("--after", action="append", default=[], metavar="DIFF",
+                   help="apply these diffs (a chain, in order) first; the new diff continues the chain")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (recorded in the diff)")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     p.set_defaults(func=cmd_apply)

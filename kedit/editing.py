@@ -71,6 +71,14 @@ def progress_bar(quiet: bool):
     return bar
 
 
+def _to_cpu(d: D.Delta) -> D.Delta:
+    if isinstance(d, D.Dense):
+        return D.Dense(d.tensor.detach().cpu().to(torch.float32))
+    if isinstance(d, D.LowRank):
+        return D.LowRank(d.u.detach().cpu(), d.v.detach().cpu())
+    return D.Sparse(d.idx.detach().cpu(), d.val.detach().cpu(), d.shape)
+
+
 def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, specs: list[EditSpec],
                  editor: Registered, options: Any, regs: Sequence[Reg] = (), seed: int = 0,
                  parents: Sequence[str] = (), state: Any = None, quiet: bool = True) -> diffmod.Diff:
@@ -93,7 +101,7 @@ def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, sp
     for name, d in deltas.items():
         if name not in params:
             raise KeditError(f"editor {editor.name!r} returned a delta for {name!r}, not a parameter of the model")
-        d = D.as_delta(d)
+        d = _to_cpu(D.as_delta(d))
         if regs:
             dense = D.to_dense(d)
             w = params[name].detach().cpu()

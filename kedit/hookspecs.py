@@ -17,9 +17,9 @@ def register_editors(register: Callable[[type], None]) -> None:
 
 @hookspec
 def register_regularizers(register: Callable[[type], None]) -> None:
-    """Register regularizers: a ``name``, an ``Options`` model whose ``primary`` option
-    receives ``--reg name:VALUE``, and ``apply(weight, delta, options) -> delta``, run on
-    every edited parameter before the diff is encoded."""
+    """Register regularizers: a ``name``, an ``Options`` model, a ``primary`` class attribute
+    naming the option that ``--reg name:VALUE`` sets, and ``apply(weight, delta, options) -> delta``,
+    run on every edited parameter before the diff is encoded."""
 
 
 @hookspec
@@ -36,8 +36,9 @@ def register_architectures(register: Callable[[Any], None]) -> None:
 
 @hookspec
 def register_spec_importers(register: Callable[[type], None]) -> None:
-    """Register spec importers: a ``name`` and ``read(path) -> iterable of EditSpec`` that
-    convert a public data format (CounterFact, zsRE, ...) into kedit edit specs."""
+    """Register spec importers: a ``name`` and ``read(path) -> iterable of (location, record)``
+    that map a public data format (CounterFact, zsRE, ...) to canonical spec dicts, which the
+    host validates into EditSpecs."""
 
 
 @hookspec

@@ -6,7 +6,6 @@ so only the first load pays for the dequantization.
 from __future__ import annotations
 
 import importlib.metadata as md
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +101,11 @@ def load(name_or_path: str | None = None, device: str = "cpu", quiet: bool = Fal
     """Load ``(model, tokenizer, source)`` in fp32, eval mode, right padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     target, source = resolve(name_or_path, quiet)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(target)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)

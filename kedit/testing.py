@@ -46,11 +46,13 @@ def tiny_model(kind: str = "gpt2", seed: int = 0, vocab_size: int = 400, layers:
     torch.manual_seed(seed)
     if kind == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=layers, n_head=4,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                            initializer_range=0.3)
     elif kind == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                             bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+                             bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+                             initializer_range=0.3)
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     return AutoModelForCausalLM.from_config(config).eval()

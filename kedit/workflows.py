@@ -32,11 +32,12 @@ def default_out(spec_path: Path, editor: str, diff_id: str, folder: Path = Path(
 
 def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, Any] | None = None,
                 regs: Sequence[str] = (), model: str | None = None, out: str | os.PathLike | None = None,
-                seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+                seed: int = 0, quiet: bool = False, after: Sequence[str] = ()) -> dict[str, Any]:
     """Edit a model with a spec file, write the diff and report each spec before and after.
 
-    Everything that can be wrong with the input is checked before the model is loaded, and
-    nothing is written unless the edit succeeds.
+    ``after`` is a chain of diffs applied first; the new diff names the last of them as its
+    parent. Everything that can be wrong with the input is checked before the model is loaded,
+    and nothing is written unless the edit succeeds.
     """
     spec_path = Path(spec_path)
     specs = read_specs(spec_path)
@@ -44,9 +45,13 @@ def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, An
     chain = resolve_regs(regs)
     if out is not None and not str(out).endswith(diffmod.SUFFIX):
         raise InputError(f"--out {out}: a diff file name ends in {diffmod.SUFFIX}")
+    prior = load_chain(after)
     lm, tok, source = load(model, quiet=quiet)
+    for d in prior:
+        diffmod.apply(lm, d)
     before = probe_table(lm, tok, specs)
-    diff = compute_diff(lm, tok, source, specs, entry, opts, chain, seed=seed, quiet=quiet)
+    diff = compute_diff(lm, tok, source, specs, entry, opts, chain, seed=seed, quiet=quiet,
+                        parents=[prior[-1].id] if prior else [])
     diffmod.apply(lm, diff)
     after = probe_table(lm, tok, specs)
     rows = []

@@ -1,0 +1,222 @@
+"""The kedit command on tiny model folders: the happy paths and every kind of bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kedit import diff as diffmod
+
+from conftest import TINY_SPECS, write_jsonl
+
+FAST = ["-o", "layer", "1", "-o", "steps", "5", "-o", "lr", "0.05"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def _apply(run_cli, spec, model, out, *extra):
+    code, stdout, err = run_cli("apply", spec, "--plugin", "ft", "--model", model, "--out", out, "--json", *FAST, *extra)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_apply_then_diff_apply_folder_reproduces_logits(run_cli, tiny_dirs, spec_file, workdir, kind):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kedit.models import load
+
+    result = _apply(run_cli, spec_file, tiny_dirs[kind], workdir / f"a{diffmod.SUFFIX}")
+    assert result["count"] == 2 and Path(result["diff"]).is_file()
+    assert all(r["p_new_after"] > r["p_new_before"] for r in result["results"])
+
+    model, tok, _ = load(str(tiny_dirs[kind]))
+    diffmod.apply(model, diffmod.read(result["diff"]))
+    ids = tok(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**ids).logits
+
+    code, out, err = run_cli("diff", "apply", result["diff"], "--model", tiny_dirs[kind], "--out", workdir / "edited")
+    assert code == 0, err
+    loaded = AutoModelForCausalLM.from_pretrained(workdir / "edited")
+    tok2 = AutoTokenizer.from_pretrained(workdir / "edited")
+    with torch.no_grad():
+        got = loaded(**tok2(["The capital of France is"], return_tensors="pt")).logits
+    assert (got - expected).abs().max() <= 1e-5
+
+    # the edited folder is "already applied"; reverting it gives the base weights back bit for bit
+    code, out, _ = run_cli("diff", "verify", result["diff"], "--model", workdir / "edited")
+    assert code == 0 and "already applied" in out
+    code, _, err = run_cli("diff", "revert", result["diff"], "--model", workdir / "edited", "--out", workdir / "reverted")
+    assert code == 0, err
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs[kind]).state_dict()
+    for name, t in AutoModelForCausalLM.from_pretrained(workdir / "reverted").state_dict().items():
+        assert torch.equal(t, base[name]), name
+
+
+def test_default_output_and_show(run_cli, tiny_dirs, spec_file, workdir):
+    code, out, err = run_cli("apply", spec_file, "--plugin", "ft", "--model", tiny_dirs["gpt2"], *FAST)
+    assert code == 0, err
+    assert "P(new) before→after" in out and "changed" in out
+    (path,) = (workdir / "checkpoints").iterdir()
+    assert path.name.startswith("specs-ft-") and path.name.endswith(diffmod.SUFFIX)
+    code, out, _ = run_cli("diff", "show", path)
+    assert code == 0 and "editor:   ft" in out and "transformer.h.1.mlp.c_proj.weight" in out
+    code, out, _ = run_cli("diff", "show", path, "--json")
+    manifest = json.loads(out)
+    assert manifest["specs"]["count"] == 2 and manifest["seed"] == 0
+    assert manifest["specs"]["records"][0]["target_new"] == "Rome"
+    assert manifest["eval"]["count"] == 2
+
+
+def test_verify_refuses_another_model(run_cli, tiny_dirs, spec_file, workdir):
+    result = _apply(run_cli, spec_file, tiny_dirs["gpt2"], workdir / f"a{diffmod.SUFFIX}")
+    code, out, _ = run_cli("diff", "verify", result["diff"], "--model", tiny_dirs["gpt2"])
+    assert code == 0 and ": applies" in out
+    code, out, _ = run_cli("diff", "verify", result["diff"], "--model", tiny_dirs["gpt2-other"])
+    assert code == 1 and "refused" in out and "another model" in out
+
+
+def test_chain_squash_export(run_cli, tiny_dirs, spec_file, workdir):
+    a = _apply(run_cli, spec_file, tiny_dirs["llama"], workdir / f"a{diffmod.SUFFIX}")
+    code, _, err = run_cli("diff", "apply", a["diff"], "--model", tiny_dirs["llama"], "--out", workdir / "step1")
+    assert code == 0, err
+    spec2 = write_jsonl(workdir / "more.jsonl", [{"subject": "Italy", "prompt": "The capital of {} is",
+                                                  "target_new": "Paris", "target_true": "Rome"}])
+    # on a folder that already holds a's edit, b has no recorded parent and applies to that folder only
+    b_plain = _apply(run_cli, spec2, workdir / "step1", workdir / f"bplain{diffmod.SUFFIX}")
+    assert diffmod.read(b_plain["diff"]).manifest["parents"] == []
+    code, _, err = run_cli("diff", "apply", b_plain["diff"], "--model", tiny_dirs["llama"], "--out", workdir / "x")
+    assert code == 2 and "another model" in err and not (workdir / "x").exists()
+    # with --after, b continues a's chain on the base model
+    b = _apply(run_cli, spec2, tiny_dirs["llama"], workdir / f"b{diffmod.SUFFIX}", "--after", a["diff"])
+    assert diffmod.read(b["diff"]).manifest["parents"] == [a["id"]]
+    code, _, err = run_cli("diff", "apply", b["diff"], "--model", tiny_dirs["llama"], "--out", workdir / "x")
+    assert code == 2 and "apply its parents first" in err
+    code, _, err = run_cli("diff", "apply", a["diff"], b["diff"], "--model", tiny_dirs["llama"], "--out", workdir / "ab")
+    assert code == 0, err
+    code, out, err = run_cli("diff", "squash", a["diff"], b["diff"], "--model", tiny_dirs["llama"], "-o", workdir / "s.kedit.safetensors")
+    assert code == 0 and "max |squashed − chain|" in out, err
+    code, _, err = run_cli("diff", "apply", workdir / "s.kedit.safetensors", "--model", tiny_dirs["llama"], "--out", workdir / "s")
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    chained = AutoModelForCausalLM.from_pretrained(workdir / "ab").state_dict()
+    for n, t in AutoModelForCausalLM.from_pretrained(workdir / "s").state_dict().items():
+        torch.testing.assert_close(t, chained[n], rtol=0, atol=1e-6)
+    code, out, err = run_cli("diff", "export", a["diff"], "--model", tiny_dirs["llama"], "--out", workdir / "export")
+    assert code == 0, err
+    card = (workdir / "export" / "README.md").read_text()
+    assert "library_name: kedit" in card and a["id"] in card
+    assert json.loads((workdir / "export" / "kedit_diff.json").read_text())[0]["id"] == a["id"]
+
+
+def test_import_and_check(run_cli, workdir):
+    src = write_jsonl(workdir / "cf.jsonl", [{"case_id": 7, "prompt": "Toko Yasuda, the", "target_new": "piano",
+                                              "subject": "Toko Yasuda", "ground_truth": "guitar",
+                                              "rephrase_prompt": "Toko Yasuda is incredible at",
+                                              "locality_prompt": "John Lennon performs on the",
+                                              "locality_ground_truth": "guitar"}])
+    code, out, err = run_cli("import", "counterfact", src, "-o", workdir / "cf-specs.jsonl")
+    assert code == 0, err and "wrote 1 specs" in out
+    code, out, _ = run_cli("check", workdir / "cf-specs.jsonl")
+    assert code == 0 and "1 edit specs, all valid" in out
+
+
+def test_listing_commands(run_cli):
+    code, out, _ = run_cli("plugins")
+    assert code == 0 and any(p["package"] == "kedit" for p in json.loads(out))
+    code, out, _ = run_cli("editors", "--options")
+    assert json.loads(out)["ft"]["options"]["steps"]["default"] == 25
+    code, out, _ = run_cli("regularizers", "--options")
+    assert json.loads(out)["rect"]["primary"] == "k"
+
+
+# --- bad input: one clear line, exit code 2, nothing written -----------------------------------
+
+BAD_SPECS = {
+    "malformed": ('{"subject": "France", "prompt": "The capital of {} is",\n', "specs.jsonl:1: malformed JSON"),
+    "missing": ('{"subject": "France", "prompt": "The capital of {} is"}\n', "field 'target_new': missing"),
+    "empty": ('{"subject": "France", "prompt": "The capital of {} is", "target_new": ""}\n', "field 'target_new': must not be empty"),
+    "no-subject": ('{"subject": "France", "prompt": "The capital is", "target_new": "Rome"}\n', "field 'prompt': contains neither"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_files(run_cli, tiny_dirs, workdir, case):
+    text, message = BAD_SPECS[case]
+    (workdir / "specs.jsonl").write_text(text)
+    before = _files(workdir)
+    code, out, err = run_cli("apply", "specs.jsonl", "--plugin", "ft", "--model", tiny_dirs["gpt2"])
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert _files(workdir) == before
+    code, _, err = run_cli("check", "specs.jsonl")
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["apply", "nope.jsonl", "--plugin", "ft"], "nope.jsonl: no such file"),
+    (["apply", "SPEC", "--plugin", "memitt"], "unknown editor 'memitt'; available:"),
+    (["apply", "SPEC", "--plugin", "ft", "-o", "stepz", "3"], "unknown option 'stepz' for editor 'ft'"),
+    (["apply", "SPEC", "--plugin", "ft", "-o", "steps", "many"], "bad value 'many' for option 'steps'"),
+    (["apply", "SPEC", "--plugin", "ft", "--reg", "rect:"], "malformed --reg 'rect:'"),
+    (["apply", "SPEC", "--plugin", "ft", "--reg", "rect:k=2"], "bad value 2 for option 'k' of regularizer 'rect'"),
+    (["apply", "SPEC", "--plugin", "ft", "--reg", "nope"], "unknown regularizer 'nope'"),
+    (["apply", "SPEC", "--plugin", "ft", "--model", "missing/folder/x"], "no such model folder"),
+    (["import", "nope", "x.json", "-o", "y.jsonl"], "unknown spec importer 'nope'"),
+])
+def test_bad_arguments(run_cli, spec_file, workdir, args, message):
+    before = _files(workdir)
+    code, _, err = run_cli(*[str(spec_file) if a == "SPEC" else a for a in args])
+    assert code == 2 and message in err, err
+    assert _files(workdir) == before
+
+
+def test_bad_diffs(run_cli, tiny_dirs, spec_file, workdir):
+    result = _apply(run_cli, spec_file, tiny_dirs["gpt2"], workdir / f"a{diffmod.SUFFIX}")
+    raw = Path(result["diff"]).read_bytes()
+    (workdir / "cut.kedit.safetensors").write_bytes(raw[:-100])
+    flipped = bytearray(raw)
+    flipped[len(raw) - 50] ^= 1
+    (workdir / "flip.kedit.safetensors").write_bytes(bytes(flipped))
+    before = _files(workdir)
+    for name, message in [("cut", "truncated or corrupted"), ("flip", "corrupted diff")]:
+        code, _, err = run_cli("diff", "apply", f"{name}.kedit.safetensors", "--model", tiny_dirs["gpt2"], "--out", "o")
+        assert code == 2 and message in err, err
+    code, _, err = run_cli("diff", "apply", result["diff"], "--model", tiny_dirs["gpt2-other"], "--out", "o")
+    assert code == 2 and "made for another model" in err
+    assert _files(workdir) == before
+
+
+def test_chain_out_of_order_is_refused(run_cli, tiny_dirs, workdir):
+    from kedit.models import load
+    from kedit.testing import tiny_model
+
+    model = tiny_model("gpt2")
+    name = "transformer.h.1.mlp.c_proj.weight"
+    w = model.get_parameter(name).detach()
+    rec = {"base": {"name_or_path": str(tiny_dirs["gpt2"]), "model_type": "gpt2"}}
+    step = torch.full_like(w, 0.01)
+    first = diffmod.build({name: w}, {name: step}, rec)
+    post = (w.double() + step.double()).float()
+    second = diffmod.build({name: post}, {name: torch.full_like(w, 0.02)}, {**rec, "parents": [first.id]})
+    diffmod.write(first, workdir / "1.kedit.safetensors")
+    diffmod.write(second, workdir / "2.kedit.safetensors")
+    code, _, err = run_cli("diff", "apply", "2.kedit.safetensors", "--model", tiny_dirs["gpt2"], "--out", "o")
+    assert code == 2 and "apply its parents first" in err
+    code, _, err = run_cli("diff", "apply", "2.kedit.safetensors", "1.kedit.safetensors", "--model", tiny_dirs["gpt2"], "--out", "o")
+    assert code == 2 and "does not continue" in err
+    code, out, err = run_cli("diff", "apply", "1.kedit.safetensors", "2.kedit.safetensors", "--model", tiny_dirs["gpt2"], "--out", "o")
+    assert code == 0, err
+    edited, _, _ = load("o")
+    torch.testing.assert_close(edited.get_parameter(name).detach(), w + 0.03, rtol=0, atol=1e-6)

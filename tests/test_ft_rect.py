@@ -1,0 +1,102 @@
+"""The ft editor and the rect regularizer through the host pipeline, on tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit import diff as diffmod
+from kedit.editing import compute_diff, resolve_editor, resolve_regs
+from kedit.models import ModelSource
+from kedit.scoring import target_probs
+from kedit.spec import EditSpec
+from kedit.testing import tiny_model, tiny_tokenizer
+
+from conftest import TINY_SPECS
+
+SOURCE = ModelSource("tiny", None, "folder")
+
+
+def _run(kind, options=None, regs=(), seed=0):
+    model, tok = tiny_model(kind), tiny_tokenizer()
+    specs = [EditSpec(**s) for s in TINY_SPECS]
+    editor, opts = resolve_editor("ft", {"layer": 1, "steps": 20, "lr": 0.05, **(options or {})})
+    return model, tok, specs, compute_diff(model, tok, SOURCE, specs, editor, opts, resolve_regs(regs), seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_ft_raises_the_new_target_and_leaves_the_model_alone(kind):
+    model, tok, specs, d = _run(kind, {"norm_constraint": None})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts, targets = [s.text for s in specs], [s.target_new for s in specs]
+    p0 = target_probs(model, tok, prompts, targets)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed"
+    (name,) = d.deltas
+    assert name.endswith(".1.mlp.c_proj.weight" if kind == "gpt2" else "layers.1.mlp.down_proj.weight")
+    diffmod.apply(model, d)
+    p1 = target_probs(model, tok, prompts, targets)
+    assert all(b > 5 * a for a, b in zip(p0, p1)), (p0, p1)
+
+
+def test_ft_norm_constraint_bounds_every_element():
+    _, _, _, d = _run("gpt2", {"norm_constraint": 1e-3})
+    (delta,) = d.deltas.values()
+    from kedit.delta import to_dense
+
+    assert float(to_dense(delta).abs().max()) <= 1e-3 + 1e-9
+
+
+def test_ft_is_deterministic_under_a_seed():
+    assert _run("llama", seed=3)[3].id == _run("llama", seed=3)[3].id
+
+
+def test_ft_prompt_last_objective_runs():
+    model, tok, specs, d = _run("gpt2", {"objective": "prompt_last", "steps": 5})
+    assert d.manifest["editor"]["options"]["objective"] == "prompt_last"
+
+
+@pytest.mark.parametrize("k", [0.4, 0.1, 1.0])
+def test_rect_keeps_exactly_the_top_fraction_by_relative_change(k):
+    from kedit.plugins import lookup
+
+    rect = lookup("regularizers", "rect").obj
+    torch.manual_seed(0)
+    w, delta = torch.randn(30, 20), torch.randn(30, 20)
+    out = rect().apply(w, delta, rect.Options(k=k))
+    kept = out != 0
+    assert int(kept.sum()) == round(k * w.numel())
+    rel = (delta.abs() / w.abs()).view(-1)
+    threshold = rel[kept.view(-1)].min()
+    assert bool((rel[~kept.view(-1)] <= threshold).all())
+    assert torch.equal(out[kept], delta[kept])
+
+
+def test_rect_in_the_pipeline_is_recorded_and_sparsifies():
+    _, _, _, d = _run("gpt2", regs=["rect:0.25"])
+    assert d.manifest["regularizers"][0]["name"] == "rect"
+    assert d.manifest["regularizers"][0]["options"]["k"] == 0.25
+    (entry,) = d.manifest["entries"].values()
+    assert entry["encoding"] == "sparse"
+    (delta,) = d.deltas.values()
+    assert delta.idx.numel() == round(0.25 * 128 * 32)  # c_proj is stored (4 * n_embd, n_embd)
+
+
+
+def test_host_refuses_an_editor_that_mutates_the_model():
+    from kedit.api import Editor
+    from kedit.errors import KeditError
+    from kedit.plugins import Registered
+
+    class Bad(Editor):
+        name = "bad"
+
+        def edit(self, model, tokenizer, specs, options, context):
+            w = model.get_parameter("transformer.h.0.mlp.c_proj.weight")
+            with torch.no_grad():
+                w.add_(1.0)
+            return {"transformer.h.0.mlp.c_proj.weight": torch.zeros_like(w)}
+
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    entry = Registered("bad", Bad, "bad", "local", "0")
+    with pytest.raises(KeditError, match="changed the model in place"):
+        compute_diff(model, tok, SOURCE, [EditSpec(**TINY_SPECS[0])], entry, Bad.Options())
