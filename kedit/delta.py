@@ -65,12 +65,25 @@ def to_dense(delta: Delta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return out.view(delta.shape).to(dtype)
 
 
+def index_dtype(size: int) -> torch.dtype:
+    """Flat indices are stored as int32 where they fit (most matrices), halving sparse diffs."""
+    return torch.int32 if size < 2**31 else torch.int64
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 def nbytes(delta: Delta) -> int:
     if isinstance(delta, Dense):
         return delta.tensor.numel() * 4
     if isinstance(delta, LowRank):
         return (delta.u.numel() + delta.v.numel()) * 4
-    return delta.idx.numel() * 8 + delta.val.numel() * 4
+    idx_bytes = 4 if index_dtype(numel(delta.shape)) == torch.int32 else 8
+    return delta.idx.numel() * idx_bytes + delta.val.numel() * 4
 
 
 def compact(delta: Delta) -> Delta:
@@ -113,7 +126,8 @@ def to_tensors(param: str, delta: Delta) -> dict[str, torch.Tensor]:
         return {f"{param}::delta": delta.tensor.contiguous()}
     if isinstance(delta, LowRank):
         return {f"{param}::u": delta.u.contiguous(), f"{param}::v": delta.v.contiguous()}
-    return {f"{param}::idx": delta.idx.to(torch.int64).contiguous(), f"{param}::val": delta.val.contiguous()}
+    idx = delta.idx.to(index_dtype(numel(delta.shape))).contiguous()
+    return {f"{param}::idx": idx, f"{param}::val": delta.val.contiguous()}
 
 
 def from_tensors(param: str, encoding: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> Delta:
@@ -129,11 +143,8 @@ def from_tensors(param: str, encoding: str, tensors: dict[str, torch.Tensor], sh
             raise ValueError(f"{param}::u/v shapes {tuple(u.shape)}, {tuple(v.shape)} do not make {shape}")
         return LowRank(u, v)
     if encoding == "sparse":
-        idx, val = tensors[f"{param}::idx"], tensors[f"{param}::val"]
-        numel = 1
-        for s in shape:
-            numel *= s
-        if idx.shape != val.shape or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel)):
+        idx, val = tensors[f"{param}::idx"].to(torch.int64), tensors[f"{param}::val"]
+        if idx.shape != val.shape or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel(shape))):
             raise ValueError(f"{param}::idx/val are inconsistent with shape {shape}")
         return Sparse(idx, val, shape)
     raise ValueError(f"unknown encoding {encoding!r} for {param}")

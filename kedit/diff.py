@@ -43,7 +43,7 @@ class Diff:
         for name, d in sorted(self.deltas.items()):
             out.update(D.to_tensors(name, d))
             idx, val = self.fixes[name]
-            out[f"{name}::fix_idx"] = idx.contiguous()
+            out[f"{name}::fix_idx"] = idx.to(D.index_dtype(D.numel(d.shape))).contiguous()
             out[f"{name}::fix_val"] = val.contiguous()
         return out
 
@@ -164,7 +164,7 @@ def read(path: str | os.PathLike) -> Diff:
         entries = manifest["entries"]
         shapes = {n: tuple(t["shape"]) for n, t in manifest["base"]["tensors"].items()}
         deltas = {n: D.from_tensors(n, e["encoding"], tensors, shapes[n]) for n, e in entries.items()}
-        fixes = {n: (tensors[f"{n}::fix_idx"], tensors[f"{n}::fix_val"]) for n in entries}
+        fixes = {n: (tensors[f"{n}::fix_idx"].to(torch.int64), tensors[f"{n}::fix_val"]) for n in entries}
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: corrupted diff (manifest and tensors disagree: {exc})") from None
     if manifest.get("schema") != SCHEMA:

