@@ -21,8 +21,7 @@ class ArchSpec:
     layers: str
     mlp_out: str
     transposed: bool = False
-    final_norm: str = ""
-    lm_head: str = "lm_head"
+    final_norm: str = ""  # the norm before the unembedding; the unembedding is model.get_output_embeddings()
 
     def mlp_out_weight(self, layer: int) -> str:
         return self.mlp_out.format(layer) + ".weight"

@@ -100,7 +100,6 @@ def resolve(name_or_path: str | None, quiet: bool = False) -> tuple[str, ModelSo
 def load(name_or_path: str | None = None, device: str = "cpu", quiet: bool = False):
     """Load ``(model, tokenizer, source)`` in fp32, eval mode, right padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     target, source = resolve(name_or_path, quiet)

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from kedit import hookimpl
 from kedit.api import EditContext, Editor, Options
 from kedit.arch import num_layers, resolve_layer
-from kedit.scoring import teacher_forced_batch, target_logprobs
+from kedit.scoring import target_logprobs, teacher_forced_batch
 from kedit.spec import EditSpec
 
 

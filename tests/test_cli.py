@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_jsonl
 
 from kedit import diff as diffmod
-
-from conftest import TINY_SPECS, write_jsonl
 
 FAST = ["-o", "layer", "1", "-o", "steps", "5", "-o", "lr", "0.05"]
 
@@ -173,6 +172,8 @@ def test_bad_spec_files(run_cli, tiny_dirs, workdir, case):
     (["apply", "SPEC", "--plugin", "ft", "--reg", "rect:k=2"], "bad value 2 for option 'k' of regularizer 'rect'"),
     (["apply", "SPEC", "--plugin", "ft", "--reg", "nope"], "unknown regularizer 'nope'"),
     (["apply", "SPEC", "--plugin", "ft", "--model", "missing/folder/x"], "no such model folder"),
+    (["apply", "SPEC", "--plugin", "ft", "--model", "."], "not a model folder (no config.json)"),
+    (["apply", "SPEC", "--plugin", "ft", "--out", "x.safetensors"], "a diff file name ends in .kedit.safetensors"),
     (["import", "nope", "x.json", "-o", "y.jsonl"], "unknown spec importer 'nope'"),
 ])
 def test_bad_arguments(run_cli, spec_file, workdir, args, message):

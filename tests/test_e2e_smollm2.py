@@ -78,3 +78,12 @@ def test_diff_apply_folder_reproduces_the_in_memory_edit(applied, tmp_path):
     assert diff <= 1e-5
     greedy = loaded.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=2, do_sample=False)
     assert " Rome" in tok.decode(greedy[0])
+
+
+def test_a_gguf_path_loads_through_the_same_cache():
+    from kedit.models import embedded_gguf, resolve
+
+    folder, source = resolve(None)
+    folder2, source2 = resolve(str(embedded_gguf()))
+    assert folder == folder2 and source2.kind == "gguf" and source.kind == "embedded"
+    assert source.revision == source2.revision and source.revision.startswith("gguf-sha256:")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_SPECS
 
 from kedit import diff as diffmod
 from kedit.editing import compute_diff, resolve_editor, resolve_regs
@@ -10,8 +11,6 @@ from kedit.models import ModelSource
 from kedit.scoring import target_probs
 from kedit.spec import EditSpec
 from kedit.testing import tiny_model, tiny_tokenizer
-
-from conftest import TINY_SPECS
 
 SOURCE = ModelSource("tiny", None, "folder")
 

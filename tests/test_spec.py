@@ -3,11 +3,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SHARED, TINY_SPECS, write_jsonl
 
 from kedit.errors import InputError
 from kedit.spec import EditSpec, import_specs, read_specs, write_specs
-
-from conftest import SHARED, TINY_SPECS, write_jsonl
 
 
 def test_prompt_with_subject_written_out_becomes_a_template():
