@@ -137,6 +137,24 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .models import load
+    from .stats import KeyStats, parse_layers
+
+    if not args.layers:
+        raise InputError("stats compute needs --layers, e.g. --layers 3,4,5,6,7 (all layers at once is rarely wanted)")
+    model, tok, _ = load(args.model, quiet=args.json)
+    stats = KeyStats(args.corpus, args.tokens, args.max_len, args.seed, args.batch_size, quiet=args.json)
+    stats.second_moment(model, tok, parse_layers(args.layers, model.config))
+    if args.json:
+        _print_json({"layers": {str(k): v for k, v in stats.last.items()}, "record": stats.record()})
+        return 0
+    print(f"{'layer':>5} {'d_k':>6} {'tokens':>9} {'seconds':>8}  {'source':<8} cache file")
+    for layer, info in stats.last.items():
+        print(f"{layer:>5} {info['d_k']:>6} {info['tokens']:>9} {info['seconds']:>8.1f}  {info['source']:<8} {info['file']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .plugins import extend_cli
@@ -182,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("stats", help="compute and cache key statistics (C0 = E[k kᵀ]) for locate-then-edit editors")
+    p.add_argument("action", choices=["compute"])
+    p.add_argument("--model", help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--corpus", help=".txt, .json or .jsonl file (records with \"text\"), or hf:NAME[:CONFIG]; "
+                   "default: text sampled from the model (offline)")
+    p.add_argument("--layers", help="comma-separated layer indices, e.g. 3,4,5,6,7 (required)")
+    p.add_argument("--tokens", type=int, default=100_000, help="token budget (default: 100000)")
+    p.add_argument("--max-len", type=int, default=256, help="tokens per packed row (default: 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward batch (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model-sampled corpus")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
 
     for name in ["plugins", *KIND_COMMANDS]:
         p = sub.add_parser(name, help=f"list installed {name}" + (" as JSON" if name == "plugins" else ""))

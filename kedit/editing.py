@@ -81,13 +81,18 @@ def _to_cpu(d: D.Delta) -> D.Delta:
 
 def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, specs: list[EditSpec],
                  editor: Registered, options: Any, regs: Sequence[Reg] = (), seed: int = 0,
-                 parents: Sequence[str] = (), state: Any = None, quiet: bool = True) -> diffmod.Diff:
+                 parents: Sequence[str] = (), state: Any = None, quiet: bool = True,
+                 stats: Any = None) -> diffmod.Diff:
     """Run one edit and return its diff; ``model`` is left exactly as it was."""
     arch = arch_for(model)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    if stats is None:
+        from .stats import KeyStats
+
+        stats = KeyStats(seed=seed, quiet=quiet)
     context = EditContext(arch=arch, seed=seed, device=str(next(model.parameters()).device),
-                          progress=progress_bar(quiet), state=state, generator=generator)
+                          progress=progress_bar(quiet), state=state, generator=generator, stats=stats)
     versions = {n: p._version for n, p in model.named_parameters()}
     deltas = editor.obj().edit(model, tokenizer, specs, options, context)
     changed = [n for n, p in model.named_parameters() if p._version != versions[n]]
@@ -116,7 +121,7 @@ def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, sp
                    "version": editor.version, "options": options.model_dump(mode="json")},
         "regularizers": [r.record() for r in regs],
         "seed": seed,
-        "stats": None,
+        "stats": stats.record() if getattr(stats, "used", True) else None,
         "tokenization": {"padding_side": "right", "tokenizer_sha256": tokenizer_sha256(tokenizer),
                          "target_prefix": "space"},
         "specs": {"count": len(specs), "sha256": specs_sha256(specs),

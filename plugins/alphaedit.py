@@ -1,0 +1,55 @@
+"""``alphaedit``: MEMIT's targets with the update projected onto the null space of the preserved
+keys' statistics (Fang et al. 2025), so that ΔW k = 0 for keys in the preserved subspace.
+
+ΔW = R Kᵀ Û (Ûᵀ (K Kᵀ + Cp) Û + L2 I)⁻¹ Ûᵀ, with Û the eigenvectors of C0 whose eigenvalues are
+below ``nullspace_threshold`` × the largest eigenvalue (a relative threshold: the reference's
+absolute 2e-2 keeps all directions or none depending on the statistics' scale), and Cp the sum of
+K Kᵀ over earlier edits of a sequence, carried in the edit state under ``"alphaedit"``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from kedit import hookimpl
+from kedit_plugins.lte import capture
+from kedit_plugins.lte.solve import alphaedit_delta, null_space_basis
+from kedit_plugins.memit import Memit, MemitOptions
+
+
+class AlphaEditOptions(MemitOptions):
+    nullspace_threshold: float = Field(1e-2, gt=0, lt=1, description="eigenvalues of C0 below this fraction of the "
+                                                                     "largest span the null space the update lives in")
+    L2: float = Field(10.0, ge=0, description="ridge on the projected normal equations")
+
+
+class AlphaEdit(Memit):
+    """AlphaEdit: MEMIT with the update confined to the preserved keys' null space."""
+
+    name = "alphaedit"
+    Options = AlphaEditOptions
+
+    def begin(self, model, tokenizer, specs, layers, c0, options, context) -> None:
+        self._basis = {l: null_space_basis(c0[l], options.nullspace_threshold) for l in layers}
+        state = context.state if isinstance(context.state, dict) else {}
+        self._prior = state.get("alphaedit", {})
+
+    def solve(self, layer: int, residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor,
+              options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return alphaedit_delta(residual, keys, self._basis[layer], self._prior.get(layer), options.L2)
+
+    def end(self, model, tokenizer, specs, layers, key_rows, overrides, context) -> None:
+        if not isinstance(context.state, dict):
+            return
+        acts = capture.at_lookup(model, tokenizer, context.arch, key_rows, key_layers=layers, overrides=overrides)
+        sums = context.state.setdefault("alphaedit", {})
+        for layer in layers:
+            k = capture.average_by_request(acts[("key", layer)], key_rows, len(specs)).T
+            sums[layer] = sums.get(layer, 0) + k @ k.T
+
+
+@hookimpl
+def register_editors(register):
+    register(AlphaEdit)

@@ -1,0 +1,67 @@
+"""Closed-form solves (float64, Cholesky) and the stored-layout low-rank encoding of their results."""
+from __future__ import annotations
+
+import torch
+
+from kedit.arch import ArchSpec
+from kedit.delta import LowRank
+
+
+def cholesky(a: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a symmetric PSD matrix, adding the smallest ridge that makes it work."""
+    a = (a + a.T) / 2
+    jitter = 0.0
+    scale = float(a.diagonal().abs().mean()) or 1.0
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(a + jitter * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+        if int(info) == 0:
+            return factor
+        jitter = scale * 1e-10 if jitter == 0 else jitter * 100
+    raise ValueError("matrix is not positive definite even with a ridge")
+
+
+def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a⁻¹ b for symmetric positive definite a."""
+    return torch.cholesky_solve(b, cholesky(a))
+
+
+def stored_lowrank(arch: ArchSpec, u: torch.Tensor, v: torch.Tensor) -> LowRank:
+    """ΔW = u @ v in the (d_out, d_in) layout, as a LowRank delta in the parameter's stored layout."""
+    u, v = u.to(torch.float32), v.to(torch.float32)
+    if arch.transposed:
+        return LowRank(v.T.contiguous(), u.T.contiguous())
+    return LowRank(u.contiguous(), v.contiguous())
+
+
+def memit_delta(residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT: ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹, as factors (R, Aᵀ) with A = (λ C0 + K Kᵀ)⁻¹ K."""
+    a = spd_solve(lam * c0 + keys @ keys.T, keys)
+    return residual, a.T
+
+
+def emmet_delta(residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor, lam: float,
+                emmet_lambda: float, update_norm_lambda: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """EMMET: ΔW = R D⁻¹ Kᵀ C⁻¹ with C = λ C0 + μ I and D = Kᵀ C⁻¹ K + ε I (equality-constrained)."""
+    c = lam * c0 + update_norm_lambda * torch.eye(c0.shape[0], dtype=c0.dtype)
+    ck = spd_solve(c, keys)  # C⁻¹ K, (d_k, n)
+    d = keys.T @ ck + emmet_lambda * torch.eye(keys.shape[1], dtype=keys.dtype)
+    return torch.linalg.solve(d, residual.T).T, ck.T  # R D⁻¹ (d_out, n), (C⁻¹K)ᵀ = Kᵀ C⁻¹ (n, d_k)
+
+
+def null_space_basis(c0: torch.Tensor, rel_threshold: float) -> torch.Tensor:
+    """Û: eigenvectors of C0 whose eigenvalue is below ``rel_threshold`` × the largest one.
+
+    AlphaEdit's reference code uses an absolute threshold (2e-2) on the normalised moment, which
+    keeps every direction or none depending on the statistics' scale; a relative one does not.
+    """
+    evals, evecs = torch.linalg.eigh((c0 + c0.T) / 2)
+    return evecs[:, evals < rel_threshold * evals.max()]
+
+
+def alphaedit_delta(residual: torch.Tensor, keys: torch.Tensor, basis: torch.Tensor, prior: torch.Tensor | None,
+                    l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit: ΔW = R Kᵀ Û (Ûᵀ (K Kᵀ + Cp) Û + L2 I)⁻¹ Ûᵀ (an r×r SPD solve; ΔW k = 0 for k ⟂ Û)."""
+    m = keys @ keys.T + (prior if prior is not None else 0)
+    inner = basis.T @ m @ basis + l2 * torch.eye(basis.shape[1], dtype=basis.dtype)
+    x = spd_solve(inner, basis.T @ keys)  # (r, n)
+    return residual, (basis @ x).T  # ΔW = R (Û x)ᵀ

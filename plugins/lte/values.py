@@ -1,0 +1,140 @@
+"""Target values v* (ROME) / z (MEMIT family): optimise a vector δ per request, added at the fact
+token of the edit site, so that the model predicts the new target (algorithms.md §0.5).
+
+All requests are optimised together in one batched loop: the losses are separable, each request
+has its own δ row, and early stop and the norm clamp are applied per request (a finished
+request's δ is frozen, Adam's momentum included). Vocabulary logits are computed only at the
+target positions and the KL positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, Field
+from torch.func import functional_call
+
+from kedit.arch import ArchSpec
+from kedit.spec import EditSpec
+
+from .capture import _first, hooks
+from .prompts import Row, fact_row, kl_row, pad, pad_id
+
+
+class ValueOptions(BaseModel):
+    """The v*/z optimisation hyperparameters (names as in the reference notes)."""
+
+    v_steps: int = Field(25, ge=1, description="Adam steps of the target-value optimisation")
+    v_lr: float = Field(0.5, gt=0, description="Adam learning rate for δ")
+    v_weight_decay: float = Field(0.5, ge=0, description="weight of ‖δ‖ / ‖v_init‖² in the loss")
+    clamp_norm_factor: float = Field(4.0, gt=0, description="‖δ‖ ≤ clamp_norm_factor · ‖v_init‖")
+    kl_factor: float = Field(0.0625, ge=0, description="weight of KL(p_δ ‖ p_0) on '{subject} is a'")
+    early_stop_loss: float = Field(0.05, ge=0, description="a request stops once its loss is below this")
+
+
+@dataclass
+class Values:
+    z: torch.Tensor  # (n, d) float64: v_init + δ
+    v_init: torch.Tensor  # (n, d) float64
+    steps: list[int]  # steps each request ran
+    nll: list[float]  # final NLL of the new target, per request
+
+
+def _site_module(model: torch.nn.Module, arch: ArchSpec, site: str, layer: int) -> torch.nn.Module:
+    path = arch.mlp_out.format(layer) if site == "mlp_out" else f"{arch.layers}.{layer}"
+    return model.get_submodule(path)
+
+
+def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[EditSpec], templates: Sequence[str],
+             site: Literal["block", "mlp_out"], layer: int, opts: ValueOptions,
+             average_init: bool = False, overrides: dict[str, torch.Tensor] | None = None,
+             progress: Callable[..., Any] = lambda x, **_: x) -> Values:
+    """Optimise one δ per spec at ``site`` of ``layer``; ``average_init`` takes v_init as the mean
+    over the templates (r-ROME) instead of the plain prompt's value."""
+    n = len(specs)
+    device = next(model.parameters()).device
+    rows: list[Row] = []
+    for i, spec in enumerate(specs):
+        rows += [fact_row(tok, t, spec, i, with_target=True) for t in templates]
+    n_fact = len(rows)
+    rows += [kl_row(tok, spec, i) for i, spec in enumerate(specs)]
+    ids, mask = pad(rows, pad_id(tok), device)
+    row_req = torch.tensor([r.request for r in rows], device=device)
+    row_look = torch.tensor([r.lookup for r in rows], device=device)
+    all_rows = torch.arange(len(rows), device=device)
+    plain = torch.tensor([i * len(templates) for i in range(n)], device=device)  # template "{}" comes first
+
+    sel = [(j, p, t) for j, r in enumerate(rows[:n_fact]) for p, t in zip(r.target_pos, r.targets)]
+    sel_row = torch.tensor([s[0] for s in sel], device=device)
+    sel_pos = torch.tensor([s[1] for s in sel], device=device)
+    sel_tok = torch.tensor([s[2] for s in sel], device=device)
+    # weight of each target token in its request's mean NLL: 1/len(target) per row, 1/rows per request
+    sel_w = torch.tensor([1.0 / len(rows[j].targets) / len(templates) for j, _, _ in sel], device=device)
+    sel_req = row_req[sel_row]
+    kl_rows = torch.arange(n_fact, len(rows), device=device)
+
+    d = model.config.hidden_size
+    delta = torch.zeros(n, d, device=device, requires_grad=True)
+    captured: dict[str, torch.Tensor] = {}
+
+    def add_delta(_m, _args, out):
+        h = _first(out)
+        if "init" not in captured:
+            captured["init"] = h[all_rows, row_look].detach().double()
+        add = torch.zeros_like(h)
+        add = add.index_put((all_rows, row_look), delta[row_req].to(h.dtype))
+        h = h + add
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    backbone = model.base_model
+    prefix = model.base_model_prefix + "."
+    inner = {k.removeprefix(prefix): v for k, v in (overrides or {}).items()}
+    unembed = model.get_output_embeddings()
+    opt = torch.optim.Adam([delta], lr=opts.v_lr)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    steps = [0] * n
+    init_kl: torch.Tensor | None = None
+    nll_req = torch.zeros(n, device=device)
+    handle = _site_module(model, arch, site, layer).register_forward_hook(add_delta)
+    with hooks([handle]):
+        for step in progress(range(opts.v_steps), desc=f"v* layer {layer}", unit="step"):
+            if inner:
+                h = functional_call(backbone, inner, args=(), kwargs={"input_ids": ids, "attention_mask": mask},
+                                    strict=False).last_hidden_state
+            else:
+                h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            if step == 0:
+                v_rows = captured["init"]
+                if average_init:
+                    v_init = torch.zeros(n, d, dtype=torch.float64, device=device).index_add_(
+                        0, row_req[:n_fact], v_rows[:n_fact]) / len(templates)
+                else:
+                    v_init = v_rows[plain]
+                v_norm = v_init.norm(dim=1).float()
+            logp = torch.log_softmax(unembed(h[sel_row, sel_pos]).float(), dim=-1)
+            tok_lp = logp[torch.arange(len(sel), device=device), sel_tok]
+            nll_req = torch.zeros(n, device=device).index_add(0, sel_req, -tok_lp * sel_w)
+            kl_logp = torch.log_softmax(unembed(h[kl_rows, row_look[kl_rows]]).float(), dim=-1)
+            if init_kl is None:
+                init_kl = kl_logp.detach()
+            kl = (kl_logp.exp() * (kl_logp - init_kl)).sum(dim=1)
+            wd = opts.v_weight_decay * delta.norm(dim=1) / v_norm**2
+            loss = nll_req + opts.kl_factor * kl + wd
+            for i in torch.nonzero(active).flatten().tolist():
+                steps[i] = step + 1
+            done = (loss.detach() < opts.early_stop_loss) & active
+            active &= ~done
+            if not bool(active.any()) or step == opts.v_steps - 1:
+                break
+            (grad,) = torch.autograd.grad((loss * active).sum(), [delta])
+            frozen = delta.detach()[~active].clone()
+            delta.grad = grad
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = frozen
+                limit = opts.clamp_norm_factor * v_norm
+                norms = delta.norm(dim=1).clamp_min(1e-12)
+                delta.mul_(torch.clamp(limit / norms, max=1.0).unsqueeze(1))
+    z = v_init + delta.detach().double()
+    return Values(z.cpu(), v_init.cpu(), steps, nll_req.detach().cpu().tolist())

@@ -1,0 +1,83 @@
+"""``memit``: batch edits spread over several layers (Meng et al. 2023).
+
+z = v_init + δ is optimised at the output of the last edited layer L. Then, layer by layer,
+keys K and the residual R = Z − H_L are recomputed on the partly edited model, R is divided over
+the layers still to go, and ΔW_l = R_l Kᵀ (λ C0 + K Kᵀ)⁻¹ (float64, Cholesky). AlphaEdit and
+EMMET reuse everything here and change only :meth:`Memit.solve`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from kedit import hookimpl
+from kedit.api import EditContext, Editor, Options
+from kedit.arch import num_layers, resolve_layer
+from kedit.delta import to_dense
+from kedit.spec import EditSpec
+from kedit_plugins.lte import capture, values
+from kedit_plugins.lte.prompts import context_templates, fact_row
+from kedit_plugins.lte.solve import memit_delta, stored_lowrank
+
+
+class MemitOptions(values.ValueOptions, Options):
+    layers: list[int] | None = Field(None, description="edited layers; default: 13%–27% of the depth (4–8 of 30 for SmolLM2)")
+    mom2_update_weight: float = Field(15000.0, gt=0, description="λ: weight of the preserved keys' statistics C0")
+    clamp_norm_factor: float = Field(0.75, gt=0, description="‖δ‖ ≤ clamp_norm_factor · ‖v_init‖")
+
+
+def default_layers(config) -> list[int]:
+    n = num_layers(config)
+    lo, hi = round(0.13 * n), round(0.27 * n)
+    return list(range(lo, max(hi, lo) + 1))
+
+
+class Memit(Editor):
+    """MEMIT: batch edit spread over several layers' MLP output matrices."""
+
+    name = "memit"
+    Options = MemitOptions
+
+    def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
+             context: EditContext) -> dict[str, Any]:
+        arch = context.arch
+        layers = sorted({resolve_layer(l, model.config) for l in (options.layers or default_layers(model.config))})
+        last = layers[-1]
+        templates = context_templates(model, tokenizer, [(10, 5)], seed=context.seed)
+        vals = values.optimize(model, tokenizer, arch, specs, templates, "block", last, options,
+                               progress=context.progress)
+        c0 = context.stats.second_moment(model, tokenizer, layers)
+        key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
+        plain_rows = [fact_row(tokenizer, "{}", s, i, with_target=False) for i, s in enumerate(specs)]
+        overrides: dict[str, torch.Tensor] = {}
+        deltas: dict[str, Any] = {}
+        self.begin(model, tokenizer, specs, layers, c0, options, context)
+        for i, layer in enumerate(layers):
+            acts = capture.at_lookup(model, tokenizer, arch, key_rows, key_layers=[layer], overrides=overrides)
+            keys = capture.average_by_request(acts[("key", layer)], key_rows, len(specs)).T  # (d_k, n)
+            h = capture.at_lookup(model, tokenizer, arch, plain_rows, block_layers=[last], overrides=overrides)
+            residual = (vals.z - h[("block", last)]).T / (len(layers) - i)  # (d, n)
+            u, v = self.solve(layer, residual, keys, c0[layer], options)
+            pname = arch.mlp_out_weight(layer)
+            deltas[pname] = stored_lowrank(arch, u, v)
+            w0 = model.get_parameter(pname).detach()
+            overrides[pname] = w0 + to_dense(deltas[pname]).to(w0.device, w0.dtype)
+        self.end(model, tokenizer, specs, layers, key_rows, overrides, context)
+        return deltas
+
+    def begin(self, model, tokenizer, specs, layers, c0, options, context) -> None:
+        """Hook for subclasses that prepare per-layer state (AlphaEdit's null-space bases)."""
+
+    def end(self, model, tokenizer, specs, layers, key_rows, overrides, context) -> None:
+        """Hook for subclasses that update carried state after the edit (AlphaEdit's key sums)."""
+
+    def solve(self, layer: int, residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor,
+              options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return memit_delta(residual, keys, c0, options.mom2_update_weight)
+
+
+@hookimpl
+def register_editors(register):
+    register(Memit)
