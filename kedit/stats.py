@@ -15,7 +15,9 @@ sees, and cached on disk, so the statistics of a sequence of edits share one cor
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -56,14 +58,12 @@ def read_documents(path: str | Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read the corpus ({exc})") from None
     if path.suffix.lower() not in (".json", ".jsonl"):
-        docs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
-        if len([d for d in docs if d]) <= 1:
-            docs = text.splitlines()
-        docs = [d.strip() for d in docs if d.strip()]
+        docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+        if len(docs) <= 1:
+            docs = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         try:
-            stripped = text.lstrip()
-            records = json.loads(text) if stripped.startswith("[") else \
+            records = json.loads(text) if text.lstrip().startswith("[") else \
                 [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}: not valid JSON/JSONL ({exc})") from None
@@ -118,39 +118,14 @@ def fingerprints(model: torch.nn.Module, arch: ArchSpec, layers: Iterable[int]) 
     return out
 
 
-def _tokenizer_sha256(tok: Any) -> str:
-    from .editing import tokenizer_sha256
-
-    return tokenizer_sha256(tok)
-
-
-def _bar(quiet: bool) -> Callable[..., Any]:
-    from .editing import progress_bar
-
-    return progress_bar(quiet)
-
-
 def pack_rows(tokenizer: Any, docs: Iterable[str], n_tokens: int, max_len: int) -> list[list[int]]:
     """One token stream (eos between documents) cut into rows of ``max_len``; at most ``n_tokens`` in all."""
-    eos = tokenizer.eos_token_id
+    sep = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     stream: list[int] = []
-    chunk: list[str] = []
-
-    def flush() -> None:
+    docs = iter(docs)
+    while len(stream) < n_tokens and (chunk := list(itertools.islice(docs, 256))):
         for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            if eos is not None:
-                stream.append(eos)
-        chunk.clear()
-
-    for doc in docs:
-        chunk.append(doc)
-        if len(chunk) >= 256:
-            flush()
-            if len(stream) >= n_tokens:
-                break
-    if chunk:
-        flush()
+            stream += ids + sep
     stream = stream[:n_tokens]
     if not stream:
         raise InputError("the corpus has no tokens")
@@ -193,11 +168,8 @@ def accumulate(model: torch.nn.Module, arch: ArchSpec, rows: list[list[int]], la
             for start in bar(range(0, len(rows), batch_size), desc="key statistics", unit="batch"):
                 batch = rows[start:start + batch_size]
                 width = max(len(r) for r in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.bool)
-                for i, r in enumerate(batch):
-                    ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-                    mask[i, :len(r)] = True
+                ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in batch], dtype=torch.long)
+                mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in batch])
                 flat_mask[0] = None if bool(mask.all()) else mask.reshape(-1).to(device)
                 count += int(mask.sum())
                 try:
@@ -268,8 +240,8 @@ class KeyStats:
         self._used: int | None = None
         self.last: dict[int, dict[str, Any]] = {}  # per layer of the last call: source, seconds, d_k, tokens, file
 
-    # -- corpus -----------------------------------------------------------------------------------
-    def _load_corpus(self, model: torch.nn.Module, tokenizer: Any, tok_sha: str, full_fp: str | None) -> None:
+    def _load_corpus(self, model: torch.nn.Module, tokenizer: Any, tok_sha: str, full_fp: str | None,
+                     bar: Callable[..., Any]) -> None:
         if self._docs is not None:
             return
         if self.corpus is None:
@@ -278,7 +250,7 @@ class KeyStats:
                                              SEED_PROMPTS]).encode()).hexdigest()
             path = cache_root() / "corpora" / f"sampled-{key[:40]}.jsonl"
             if not path.is_file():
-                docs = sample_documents(model, tokenizer, self.n_tokens, self.max_len, self.seed, _bar(self.quiet))
+                docs = sample_documents(model, tokenizer, self.n_tokens, self.max_len, self.seed, bar)
                 atomic_write_text(path, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
             self._desc = {"kind": "model-sampled", "model_fingerprint": full_fp, "seed": self.seed,
                           "sampler": f"top_k=50, temperature=1, {SAMPLE_BATCH} per batch, max_new_tokens={self.max_len}",
@@ -302,7 +274,6 @@ class KeyStats:
                  "seed": self.seed if self.corpus is None else None}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
-    # -- the API ----------------------------------------------------------------------------------
     def second_moment(self, model: torch.nn.Module, tokenizer: Any, layers: list[int]) -> dict[int, torch.Tensor]:
         """E[k kᵀ] (float64, d_k×d_k, normalised by the token count) for each layer.
 
@@ -312,16 +283,18 @@ class KeyStats:
         from safetensors import safe_open
         from safetensors.torch import save_file
 
+        from .editing import progress_bar, tokenizer_sha256
+
         arch = arch_for(model)
         layers = sorted({resolve_layer(int(x), model.config) for x in layers})
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         if context and self.max_len > context:
             raise InputError(f"max_len {self.max_len} exceeds the model's context of {context} positions")
-        tok_sha = _tokenizer_sha256(tokenizer)
+        tok_sha, bar = tokenizer_sha256(tokenizer), progress_bar(self.quiet)
         last = num_layers(model.config) - 1
         need_full = self.corpus is None and self._docs is None
         fps = fingerprints(model, arch, layers + ([last] if need_full else []))
-        self._load_corpus(model, tokenizer, tok_sha, fps[last] if need_full else None)
+        self._load_corpus(model, tokenizer, tok_sha, fps[last] if need_full else None, bar)
         keys = {layer: self._key(arch.mlp_out.format(layer), fps[layer], tok_sha) for layer in layers}
         files = {layer: cache_root() / "stats" / f"mom2-{keys[layer]}.safetensors" for layer in layers}
         self.last = {}
@@ -343,8 +316,7 @@ class KeyStats:
                 self._rows[tok_sha] = pack_rows(tokenizer, self._docs(), self.n_tokens, self.max_len)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
             t0 = time.perf_counter()
-            moments, count = accumulate(model, arch, self._rows[tok_sha], missing, self.batch_size, pad,
-                                        _bar(self.quiet))
+            moments, count = accumulate(model, arch, self._rows[tok_sha], missing, self.batch_size, pad, bar)
             for layer in missing:
                 meta = {"count": str(count), "module": arch.mlp_out.format(layer), "model_fingerprint": fps[layer],
                         "corpus_sha256": str(self._sha), "corpus": json.dumps(self._desc),
@@ -359,6 +331,11 @@ class KeyStats:
             self._served[layer] = keys[layer]
             self.last[layer].update(d_k=out[layer].shape[0], tokens=self._used, file=str(files[layer]))
         return out
+
+    @property
+    def used(self) -> bool:
+        """Whether any layer was served: the host records statistics only for editors that asked for them."""
+        return bool(self._served)
 
     def record(self) -> dict[str, Any]:
         """What the diff manifest records: corpus and its sha256, tokens used, max_len, seed, cache keys."""

@@ -179,3 +179,54 @@ def test_memit_spreads_over_layers_and_alphaedit_respects_the_null_space(stats):
         dw = _dense_out_in(arch, out[arch.mlp_out_weight(layer)])
         assert float((dw @ preserved).abs().max()) < 1e-6 * max(1.0, float(dw.abs().max()))
         assert state["alphaedit"][layer].shape == c0.shape  # keys carried for a sequence
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_suffix_forward_equals_full_recomputation_in_value_and_gradient(layer):
+    """The fast v* path (cached prefix, only the fact token onwards through layers > L) is exact."""
+    from kedit_plugins.lte.capture import _first
+    from kedit_plugins.lte.prompts import pad, pad_id
+    from kedit_plugins.lte.suffix import SuffixRunner
+
+    model, tok, arch, specs = _setup("llama")
+    templates = ["{}", "Apple was founded by Steve. {}", "The a. {}"]
+    rows = [fact_row(tok, t, s, i, with_target=True) for i, s in enumerate(specs) for t in templates]
+    g = torch.Generator().manual_seed(0)
+    delta = (torch.randn(len(rows), 32, generator=g) * 3).requires_grad_(True)
+    probe = torch.randn(32, generator=g)
+
+    runner = SuffixRunner(model, arch, rows, layer, pad_id(tok))
+    fast = runner.hidden(delta)
+    ids, mask = pad(rows, pad_id(tok))
+    look = torch.tensor([r.lookup for r in rows])
+    rr = torch.arange(len(rows))
+
+    def add(_m, _a, out):
+        h = _first(out)
+        return h.index_put((rr, look), h[rr, look] + delta)
+
+    handle = model.get_submodule(f"{arch.layers}.{layer}").register_forward_hook(add)
+    try:
+        full = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        handle.remove()
+    f_vals, s_vals = [], []
+    for i, r in enumerate(rows):
+        for s in range(len(r.ids) - r.lookup):
+            f_vals.append(full[i, r.lookup + s])
+            s_vals.append(fast[i, s])
+    f_vals, s_vals = torch.stack(f_vals), torch.stack(s_vals)
+    torch.testing.assert_close(s_vals, f_vals, rtol=1e-4, atol=1e-5)
+    (g_full,) = torch.autograd.grad((f_vals @ probe).square().sum(), [delta], retain_graph=True)
+    (g_fast,) = torch.autograd.grad((s_vals @ probe).square().sum(), [delta])
+    torch.testing.assert_close(g_fast, g_full, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_and_full_value_optimisation_agree():
+    model, tok, arch, specs = _setup("llama")
+    templates = context_templates(model, tok, [(4, 2)])
+    opts = values.ValueOptions(**FAST_V)
+    fast = values.optimize(model, tok, arch, specs, templates, "block", 1, opts, fast=True)
+    full = values.optimize(model, tok, arch, specs, templates, "block", 1, opts, fast=False)
+    torch.testing.assert_close(fast.z, full.z, rtol=1e-4, atol=1e-4)
+    assert fast.nll == pytest.approx(full.nll, rel=1e-4)

@@ -109,6 +109,7 @@ def test_cache_is_keyed_by_content(tok, corpus, tmp_path, monkeypatch, cache_dir
     stats = _stats(corpus)
     again = stats.second_moment(model, tok, [0, 2])  # a fresh provider: from disk
     assert all(torch.equal(first[k], again[k]) for k in first) and stats.last[0]["source"] == "disk"
+    assert stats.used and not _stats(corpus).used
     assert stats.record()["n_tokens"] == N_TOKENS and set(stats.record()["layers"]) == {"0", "2"}
 
     with torch.no_grad():  # a change ABOVE layer 2 leaves layers 0 and 2 cached
@@ -138,11 +139,11 @@ def test_cache_is_keyed_by_content(tok, corpus, tmp_path, monkeypatch, cache_dir
 
 def test_model_sampled_default_is_offline_and_seeded(tok, tmp_path, monkeypatch):
     model = tiny_model("llama")
-    kw = {"n_tokens": 200, "max_len": 16}
+    kw = {"n_tokens": 60, "max_len": 4}  # one generate call of 4 steps
     a = S.KeyStats(**kw)
     ma = a.second_moment(model, tok, [1])
     rec = a.record()
-    assert rec["corpus"]["kind"] == "model-sampled" and rec["n_tokens"] == 200
+    assert rec["corpus"]["kind"] == "model-sampled" and rec["n_tokens"] == 60
     assert Path(rec["corpus"]["path"]).is_file()
     monkeypatch.setenv("KEDIT_CACHE_DIR", str(tmp_path / "cache2"))  # sample again from scratch
     b = S.KeyStats(**kw)

@@ -18,6 +18,7 @@ from torch.func import functional_call
 from kedit.arch import ArchSpec
 from kedit.spec import EditSpec
 
+from . import suffix
 from .capture import _first, hooks
 from .prompts import Row, fact_row, kl_row, pad, pad_id
 
@@ -49,9 +50,10 @@ def _site_module(model: torch.nn.Module, arch: ArchSpec, site: str, layer: int) 
 def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[EditSpec], templates: Sequence[str],
              site: Literal["block", "mlp_out"], layer: int, opts: ValueOptions,
              average_init: bool = False, overrides: dict[str, torch.Tensor] | None = None,
-             progress: Callable[..., Any] = lambda x, **_: x) -> Values:
+             progress: Callable[..., Any] = lambda x, **_: x, fast: bool = True) -> Values:
     """Optimise one δ per spec at ``site`` of ``layer``; ``average_init`` takes v_init as the mean
-    over the templates (r-ROME) instead of the plain prompt's value."""
+    over the templates (r-ROME) instead of the plain prompt's value; ``fast`` uses the exact
+    suffix-only forward (:mod:`.suffix`) where the architecture allows it."""
     n = len(specs)
     device = next(model.parameters()).device
     rows: list[Row] = []
@@ -76,65 +78,88 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
 
     d = model.config.hidden_size
     delta = torch.zeros(n, d, device=device, requires_grad=True)
-    captured: dict[str, torch.Tensor] = {}
+    site_module = _site_module(model, arch, site, layer)
+    if fast and suffix.supported(model, overrides, arch, layer):
+        # δ at the MLP output or at the block output of layer L: both add δ to the block output there.
+        grabbed: dict[str, torch.Tensor] = {}
 
-    def add_delta(_m, _args, out):
-        h = _first(out)
-        if "init" not in captured:
-            captured["init"] = h[all_rows, row_look].detach().double()
-        add = torch.zeros_like(h)
-        add = add.index_put((all_rows, row_look), delta[row_req].to(h.dtype))
-        h = h + add
-        return (h, *out[1:]) if isinstance(out, tuple) else h
+        def keep(_m, _a, out) -> None:  # returns None: the output is only read
+            grabbed["site"] = _first(out).detach()[all_rows, row_look].double()
 
-    backbone = model.base_model
-    prefix = model.base_model_prefix + "."
-    inner = {k.removeprefix(prefix): v for k, v in (overrides or {}).items()}
+        grab = site_module.register_forward_hook(keep)
+        with hooks([grab]):
+            runner = suffix.SuffixRunner(model, arch, rows, layer, pad_id(tok), overrides)
+        init_rows = grabbed["site"]
+        sel_spos = sel_pos - row_look[sel_row]
+
+        def final_hidden(delta_rows):
+            h = runner.hidden(delta_rows)
+            return h[sel_row, sel_spos], h[kl_rows, torch.zeros_like(kl_rows)]
+    else:
+        captured: dict[str, torch.Tensor] = {}
+        holder: dict[str, torch.Tensor] = {}
+
+        def add_delta(_m, _args, out):
+            h = _first(out)
+            captured.setdefault("init", h[all_rows, row_look].detach().double())
+            h = h.index_put((all_rows, row_look), h[all_rows, row_look] + holder["rows"].to(h.dtype))
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        backbone = model.base_model
+        prefix = model.base_model_prefix + "."
+        inner = {k.removeprefix(prefix): v for k, v in (overrides or {}).items()}
+
+        def final_hidden(delta_rows):
+            holder["rows"] = delta_rows
+            handle = site_module.register_forward_hook(add_delta)
+            with hooks([handle]):
+                kwargs = {"input_ids": ids, "attention_mask": mask}
+                out = (functional_call(backbone, inner, args=(), kwargs=kwargs, strict=False) if inner
+                       else backbone(**kwargs))
+            h = out.last_hidden_state
+            return h[sel_row, sel_pos], h[kl_rows, row_look[kl_rows]]
+
+        with torch.no_grad():
+            final_hidden(torch.zeros(len(rows), d, device=device))
+        init_rows = captured["init"]
+
+    if average_init:
+        v_init = torch.zeros(n, d, dtype=torch.float64, device=device).index_add_(
+            0, row_req[:n_fact], init_rows[:n_fact]) / len(templates)
+    else:
+        v_init = init_rows[plain]
+    v_norm = v_init.norm(dim=1).float()
+
     unembed = model.get_output_embeddings()
     opt = torch.optim.Adam([delta], lr=opts.v_lr)
     active = torch.ones(n, dtype=torch.bool, device=device)
     steps = [0] * n
     init_kl: torch.Tensor | None = None
     nll_req = torch.zeros(n, device=device)
-    handle = _site_module(model, arch, site, layer).register_forward_hook(add_delta)
-    with hooks([handle]):
-        for step in progress(range(opts.v_steps), desc=f"v* layer {layer}", unit="step"):
-            if inner:
-                h = functional_call(backbone, inner, args=(), kwargs={"input_ids": ids, "attention_mask": mask},
-                                    strict=False).last_hidden_state
-            else:
-                h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-            if step == 0:
-                v_rows = captured["init"]
-                if average_init:
-                    v_init = torch.zeros(n, d, dtype=torch.float64, device=device).index_add_(
-                        0, row_req[:n_fact], v_rows[:n_fact]) / len(templates)
-                else:
-                    v_init = v_rows[plain]
-                v_norm = v_init.norm(dim=1).float()
-            logp = torch.log_softmax(unembed(h[sel_row, sel_pos]).float(), dim=-1)
-            tok_lp = logp[torch.arange(len(sel), device=device), sel_tok]
-            nll_req = torch.zeros(n, device=device).index_add(0, sel_req, -tok_lp * sel_w)
-            kl_logp = torch.log_softmax(unembed(h[kl_rows, row_look[kl_rows]]).float(), dim=-1)
-            if init_kl is None:
-                init_kl = kl_logp.detach()
-            kl = (kl_logp.exp() * (kl_logp - init_kl)).sum(dim=1)
-            wd = opts.v_weight_decay * delta.norm(dim=1) / v_norm**2
-            loss = nll_req + opts.kl_factor * kl + wd
-            for i in torch.nonzero(active).flatten().tolist():
-                steps[i] = step + 1
-            done = (loss.detach() < opts.early_stop_loss) & active
-            active &= ~done
-            if not bool(active.any()) or step == opts.v_steps - 1:
-                break
-            (grad,) = torch.autograd.grad((loss * active).sum(), [delta])
-            frozen = delta.detach()[~active].clone()
-            delta.grad = grad
-            opt.step()
-            with torch.no_grad():
-                delta[~active] = frozen
-                limit = opts.clamp_norm_factor * v_norm
-                norms = delta.norm(dim=1).clamp_min(1e-12)
-                delta.mul_(torch.clamp(limit / norms, max=1.0).unsqueeze(1))
+    for step in progress(range(opts.v_steps), desc=f"v* layer {layer}", unit="step"):
+        h_sel, h_kl = final_hidden(delta[row_req])
+        logp = torch.log_softmax(unembed(h_sel).float(), dim=-1)
+        tok_lp = logp[torch.arange(len(sel), device=device), sel_tok]
+        nll_req = torch.zeros(n, device=device).index_add(0, sel_req, -tok_lp * sel_w)
+        kl_logp = torch.log_softmax(unembed(h_kl).float(), dim=-1)
+        if init_kl is None:
+            init_kl = kl_logp.detach()
+        kl = (kl_logp.exp() * (kl_logp - init_kl)).sum(dim=1)
+        wd = opts.v_weight_decay * delta.norm(dim=1) / v_norm**2
+        loss = nll_req + opts.kl_factor * kl + wd
+        for i in torch.nonzero(active).flatten().tolist():
+            steps[i] = step + 1
+        active &= ~(loss.detach() < opts.early_stop_loss)
+        if not bool(active.any()) or step == opts.v_steps - 1:
+            break
+        (grad,) = torch.autograd.grad((loss * active).sum(), [delta])
+        frozen = delta.detach()[~active].clone()
+        delta.grad = grad
+        opt.step()
+        with torch.no_grad():
+            delta[~active] = frozen
+            limit = opts.clamp_norm_factor * v_norm
+            norms = delta.norm(dim=1).clamp_min(1e-12)
+            delta.mul_(torch.clamp(limit / norms, max=1.0).unsqueeze(1))
     z = v_init + delta.detach().double()
     return Values(z.cpu(), v_init.cpu(), steps, nll_req.detach().cpu().tolist())
