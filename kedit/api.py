@@ -51,6 +51,11 @@ class Editor(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
 
+    def resolve(self, options: Any, model: torch.nn.Module) -> Any:
+        """Fill options left unset (layers, family defaults) for this model; the host records the
+        result in the diff's manifest, so a diff says exactly what was run."""
+        return options
+
     @abstractmethod
     def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec],
              options: Any, context: EditContext) -> dict[str, Any]:

@@ -94,7 +94,9 @@ def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, sp
     context = EditContext(arch=arch, seed=seed, device=str(next(model.parameters()).device),
                           progress=progress_bar(quiet), state=state, generator=generator, stats=stats)
     versions = {n: p._version for n, p in model.named_parameters()}
-    deltas = editor.obj().edit(model, tokenizer, specs, options, context)
+    instance = editor.obj()
+    options = instance.resolve(options, model)
+    deltas = instance.edit(model, tokenizer, specs, options, context)
     changed = [n for n, p in model.named_parameters() if p._version != versions[n]]
     if changed:
         raise KeditError(f"editor {editor.name!r} (package {editor.package}) changed the model in place "

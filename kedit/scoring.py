@@ -63,3 +63,43 @@ def target_probs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         out.extend(float(lp.mean().exp()) for lp in target_logprobs(logits, spans))
     return out
+
+
+def counterfact_scores(model: torch.nn.Module, tokenizer: Any, specs: Sequence[Any]) -> dict[str, float]:
+    """ES / PS / NS by probability comparison (algorithms.md §4.1): the fraction of edit prompts
+    (paraphrases, averaged within a spec first) where P(new) > P(true), and of neighbourhood
+    prompts where P(true) > P(new). Specs without ``target_true`` are skipped."""
+    specs = [s for s in specs if s.target_true]
+    es_p, ps_p, ns_p = [], [], []
+    for i, s in enumerate(specs):
+        es_p.append((i, s.text, s.target_new, s.target_true))
+        ps_p += [(i, p, s.target_new, s.target_true) for p in s.paraphrases]
+        ns_p += [(i, n.prompt, s.target_new, n.target) for n in s.neighborhood]
+
+    def wins(pairs, new_wins: bool) -> float:
+        if not pairs:
+            return float("nan")
+        a = target_probs(model, tokenizer, [p for _, p, _, _ in pairs], [n for _, _, n, _ in pairs])
+        b = target_probs(model, tokenizer, [p for _, p, _, _ in pairs], [t for _, _, _, t in pairs])
+        per: dict[int, list[bool]] = {}
+        for (i, *_), x, y in zip(pairs, a, b):
+            per.setdefault(i, []).append(x > y if new_wins else y > x)
+        return sum(sum(v) / len(v) for v in per.values()) / len(per)
+
+    return {"ES": wins(es_p, True), "PS": wins(ps_p, True), "NS": wins(ns_p, False)}
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer: Any, text: str, window: int = 512) -> float:
+    """Perplexity of ``text`` over non-overlapping windows of ``window`` tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start:start + window]], device=device)
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+        count += chunk.shape[1] - 1
+    return float(torch.exp(torch.tensor(nll / count)))

@@ -43,9 +43,13 @@ class FT(Editor):
     name = "ft"
     Options = FTOptions
 
+    def resolve(self, options: FTOptions, model: torch.nn.Module) -> FTOptions:
+        layer = resolve_layer(default_layer(model.config) if options.layer is None else options.layer, model.config)
+        return options.model_copy(update={"layer": layer})
+
     def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec],
              options: FTOptions, context: EditContext) -> dict[str, torch.Tensor]:
-        layer = resolve_layer(default_layer(model.config) if options.layer is None else options.layer, model.config)
+        layer = self.resolve(options, model).layer
         pname = context.arch.mlp_out_weight(layer)
         w0 = model.get_parameter(pname).detach()
         params = {n: p.detach() for n, p in model.named_parameters()}

@@ -24,8 +24,20 @@ from kedit_plugins.lte.solve import memit_delta, stored_lowrank
 
 class MemitOptions(values.ValueOptions, Options):
     layers: list[int] | None = Field(None, description="edited layers; default: 13%–27% of the depth (4–8 of 30 for SmolLM2)")
-    mom2_update_weight: float = Field(15000.0, gt=0, description="λ: weight of the preserved keys' statistics C0")
-    clamp_norm_factor: float = Field(0.75, gt=0, description="‖δ‖ ≤ clamp_norm_factor · ‖v_init‖")
+    mom2_update_weight: float | None = Field(
+        None, gt=0, description="λ: weight of the preserved keys' statistics C0; default 2000 for rotary decoders "
+                                "(measured on SmolLM2, docs/locate-then-edit.md), 15000 otherwise (GPT-J's value)")
+    clamp_norm_factor: float | None = Field(
+        None, gt=0, description="‖δ‖ ≤ clamp_norm_factor · ‖v_init‖; default 4 for rotary decoders (EasyEdit's "
+                                "Llama value), 0.75 otherwise")
+
+
+def family_defaults(options: Any, config) -> Any:
+    """Fill the options left unset with the defaults of the model's family."""
+    rotary = config.model_type in values.ROTARY
+    fill = {"mom2_update_weight": 2000.0 if rotary else 15000.0, "clamp_norm_factor": 4.0 if rotary else 0.75,
+            "v_weight_decay": 1e-3 if rotary else 0.5}
+    return options.model_copy(update={k: v for k, v in fill.items() if getattr(options, k) is None})
 
 
 def default_layers(config) -> list[int]:
@@ -40,10 +52,16 @@ class Memit(Editor):
     name = "memit"
     Options = MemitOptions
 
+    def resolve(self, options: Any, model: torch.nn.Module) -> Any:
+        options = family_defaults(options, model.config)
+        layers = sorted({resolve_layer(l, model.config) for l in (options.layers or default_layers(model.config))})
+        return options.model_copy(update={"layers": layers})
+
     def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
              context: EditContext) -> dict[str, Any]:
         arch = context.arch
-        layers = sorted({resolve_layer(l, model.config) for l in (options.layers or default_layers(model.config))})
+        options = self.resolve(options, model)
+        layers = options.layers
         last = layers[-1]
         templates = context_templates(model, tokenizer, [(10, 5)], seed=context.seed)
         vals = values.optimize(model, tokenizer, arch, specs, templates, "block", last, options,

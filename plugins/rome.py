@@ -39,10 +39,18 @@ class Rome(Editor):
     name = "rome"
     Options = RomeOptions
 
+    def resolve(self, options: RomeOptions, model: torch.nn.Module) -> RomeOptions:
+        layer = resolve_layer(default_layer(model.config) if options.layer is None else options.layer, model.config)
+        wd = options.v_weight_decay
+        if wd is None:
+            wd = 1e-3 if model.config.model_type in values.ROTARY else 0.5
+        return options.model_copy(update={"layer": layer, "v_weight_decay": wd})
+
     def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: RomeOptions,
              context: EditContext) -> dict[str, Any]:
         arch = context.arch
-        layer = resolve_layer(default_layer(model.config) if options.layer is None else options.layer, model.config)
+        options = self.resolve(options, model)
+        layer = options.layer
         pname = arch.mlp_out_weight(layer)
         w0 = model.get_parameter(pname).detach()
         templates = context_templates(model, tokenizer, [(5, 10), (10, 10)], seed=context.seed)

@@ -111,7 +111,7 @@ def test_rome_edited_matrix_maps_the_key_to_the_target_value(kind, stats):
 
     model, tok, arch, specs = _setup(kind)
     spec = specs[0]
-    opts = Rome.Options(layer=1, **FAST_V)
+    opts = Rome().resolve(Rome.Options(layer=1, **FAST_V), model)
     ctx = EditContext(arch=arch, stats=stats)
     (name, d), = Rome().edit(model, tok, [spec], opts, ctx).items()
     assert isinstance(d, D.LowRank) and d.rank == 1
@@ -150,13 +150,13 @@ def test_memit_and_emmet_editors_solve_their_equations(kind, stats):
     ctx = EditContext(arch=arch, stats=stats)
     c0 = stats.second_moment(model, tok, [2])[2]
 
-    opts = Memit.Options(layers=[2], mom2_update_weight=50.0, **FAST_V)
+    opts = Memit().resolve(Memit.Options(layers=[2], mom2_update_weight=50.0, **FAST_V), model)
     k, r = _single_layer_parts(model, tok, arch, specs, 2, opts)
     (d,) = Memit().edit(model, tok, specs, opts, ctx).values()
     dw = _dense_out_in(arch, d)
     torch.testing.assert_close(dw @ (50.0 * c0 + k @ k.T), r @ k.T, rtol=1e-4, atol=1e-4)
 
-    opts = Emmet.Options(layers=[2], mom2_update_weight=50.0, emmet_lambda=0.0, **FAST_V)
+    opts = Emmet().resolve(Emmet.Options(layers=[2], mom2_update_weight=50.0, emmet_lambda=0.0, **FAST_V), model)
     (d,) = Emmet().edit(model, tok, specs, opts, ctx).values()
     torch.testing.assert_close(_dense_out_in(arch, d) @ k, r, rtol=1e-4, atol=1e-4)
 

@@ -23,12 +23,17 @@ from .capture import _first, hooks
 from .prompts import Row, fact_row, kl_row, pad, pad_id
 
 
+ROTARY = {"llama", "mistral", "qwen2"}
+
+
 class ValueOptions(BaseModel):
     """The v*/z optimisation hyperparameters (names as in the reference notes)."""
 
     v_steps: int = Field(25, ge=1, description="Adam steps of the target-value optimisation")
     v_lr: float = Field(0.5, gt=0, description="Adam learning rate for δ")
-    v_weight_decay: float = Field(0.5, ge=0, description="weight of ‖δ‖ / ‖v_init‖² in the loss")
+    v_weight_decay: float | None = Field(
+        None, ge=0, description="weight of ‖δ‖ / ‖v_init‖² in the loss; default 1e-3 for rotary decoders "
+                                "(llama, mistral, qwen2), 0.5 for the GPT families, as in the reference configs")
     clamp_norm_factor: float = Field(4.0, gt=0, description="‖δ‖ ≤ clamp_norm_factor · ‖v_init‖")
     kl_factor: float = Field(0.0625, ge=0, description="weight of KL(p_δ ‖ p_0) on '{subject} is a'")
     early_stop_loss: float = Field(0.05, ge=0, description="a request stops once its loss is below this")
@@ -76,6 +81,9 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
     sel_req = row_req[sel_row]
     kl_rows = torch.arange(n_fact, len(rows), device=device)
 
+    weight_decay = opts.v_weight_decay
+    if weight_decay is None:
+        weight_decay = 1e-3 if model.config.model_type in ROTARY else 0.5
     d = model.config.hidden_size
     delta = torch.zeros(n, d, device=device, requires_grad=True)
     site_module = _site_module(model, arch, site, layer)
@@ -145,7 +153,7 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
         if init_kl is None:
             init_kl = kl_logp.detach()
         kl = (kl_logp.exp() * (kl_logp - init_kl)).sum(dim=1)
-        wd = opts.v_weight_decay * delta.norm(dim=1) / v_norm**2
+        wd = weight_decay * delta.norm(dim=1) / v_norm**2
         loss = nll_req + opts.kl_factor * kl + wd
         for i in torch.nonzero(active).flatten().tolist():
             steps[i] = step + 1

@@ -1,0 +1,120 @@
+"""Locate-then-edit bench on the embedded SmolLM2 (CPU): quality, speed and memory.
+
+CounterFact cases: the first N of ../shared/data/counterfact/counterfact-train.json whose prompt
+contains the subject (template = prompt with the subject replaced by {}). Scored as in
+algorithms.md §4.1 (ES/PS/NS by probability comparison). `rome` edits each case on the unedited
+model; the MEMIT family edits all N in one batch. Perplexity: first 20k characters of WikiText-2.
+Key statistics: WikiText-2 test, cached after the first run (their time is reported separately).
+
+    python bench/lte.py [--n 100] [--methods rome,memit,alphaedit,emmet] [--stats-tokens 300000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cases(n: int):
+    from kedit.spec import import_specs
+    from kedit.plugins import lookup
+
+    records = lookup("spec_importers", "counterfact").obj().read(DATA / "counterfact" / "counterfact-train.json")
+    specs, _ = import_specs(records, skip_invalid=True)
+    return specs[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--methods", default="rome,memit,alphaedit,emmet")
+    ap.add_argument("--stats-tokens", type=int, default=300_000)
+    ap.add_argument("--rome-n", type=int, default=None, help="cases for rome (default: --n)")
+    ap.add_argument("-o", "--option", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+
+    from kedit import diff as diffmod
+    from kedit.editing import compute_diff, resolve_editor
+    from kedit.models import load
+    from kedit.options import parse_pairs
+    from kedit.scoring import counterfact_scores, perplexity
+    from kedit.stats import KeyStats
+
+    model, tok, source = load(None, quiet=True)
+    specs = cases(args.n)
+    text = (DATA / "wikitext2" / "wiki.test.raw").read_text()[:20_000]
+    stats = KeyStats(corpus=str(DATA / "wikitext2" / "wiki.test.raw"), n_tokens=args.stats_tokens, max_len=256,
+                     quiet=False)
+    t = time.perf_counter()
+    base_scores = counterfact_scores(model, tok, specs)
+    base_ppl = perplexity(model, tok, text)
+    rows = [{"method": "unedited", "n": len(specs), **base_scores, "ppl": base_ppl, "ppl_change": 0.0,
+             "s_per_edit": 0.0, "rss_mib": rss_mib()}]
+    print(f"unedited scored in {time.perf_counter() - t:.1f}s: {base_scores}, ppl {base_ppl:.3f}", file=sys.stderr)
+    extra = parse_pairs(args.option)
+    for method in args.methods.split(","):
+        editor, opts = resolve_editor(method, {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith(method + ".")})
+        layers = getattr(opts, "layers", None) or [getattr(opts, "layer", None)]
+        t = time.perf_counter()
+        if method == "rome":
+            from kedit_plugins.rome import default_layer
+
+            stats.second_moment(model, tok, [opts.layer if opts.layer is not None else default_layer(model.config)])
+        else:
+            from kedit_plugins.memit import default_layers
+
+            stats.second_moment(model, tok, opts.layers or default_layers(model.config))
+        stats_s = time.perf_counter() - t
+        if method == "rome":
+            per, times = [], []
+            for spec in specs[: args.rome_n or len(specs)]:
+                t = time.perf_counter()
+                d = compute_diff(model, tok, source, [spec], editor, opts, stats=stats)
+                times.append(time.perf_counter() - t)
+                diffmod.apply(model, d)
+                per.append(counterfact_scores(model, tok, [spec]))
+                diffmod.revert(model, d)
+            scores = {k: statistics.fmean(p[k] for p in per) for k in ("ES", "PS", "NS")}
+            ppl = float("nan")
+            sec = statistics.median(times)
+            label = "rome (single edits, median s)"
+        else:
+            t = time.perf_counter()
+            d = compute_diff(model, tok, source, specs, editor, opts, stats=stats)
+            sec = (time.perf_counter() - t) / len(specs)
+            diffmod.apply(model, d)
+            scores = counterfact_scores(model, tok, specs)
+            ppl = perplexity(model, tok, text)
+            diffmod.revert(model, d)
+            label = f"{method} (one batch)"
+        rows.append({"method": label, "n": len(per) if method == "rome" else len(specs), **scores, "ppl": ppl,
+                     "ppl_change": (ppl / base_ppl - 1) if ppl == ppl else float("nan"),
+                     "s_per_edit": sec, "stats_s": stats_s, "layers": layers, "rss_mib": rss_mib()})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}\n")
+    print("| method | n | ES | PS | NS | ppl change | s per edit | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ppl = "–" if r["ppl_change"] != r["ppl_change"] else f"{100 * r['ppl_change']:+.2f}%"
+        print(f"| {r['method']} | {r['n']} | {r['ES']:.3f} | {r['PS']:.3f} | {r['NS']:.3f} | {ppl} | "
+              f"{r['s_per_edit']:.2f} | {r['rss_mib']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
