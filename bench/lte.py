@@ -68,16 +68,10 @@ def main() -> None:
     extra = parse_pairs(args.option)
     for method in args.methods.split(","):
         editor, opts = resolve_editor(method, {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith(method + ".")})
-        layers = getattr(opts, "layers", None) or [getattr(opts, "layer", None)]
+        resolved = editor.obj().resolve(opts, model)
+        layers = getattr(resolved, "layers", None) or [resolved.layer]
         t = time.perf_counter()
-        if method == "rome":
-            from kedit_plugins.rome import default_layer
-
-            stats.second_moment(model, tok, [opts.layer if opts.layer is not None else default_layer(model.config)])
-        else:
-            from kedit_plugins.memit import default_layers
-
-            stats.second_moment(model, tok, opts.layers or default_layers(model.config))
+        stats.second_moment(model, tok, layers)
         stats_s = time.perf_counter() - t
         if method == "rome":
             per, times = [], []

@@ -26,7 +26,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .workflows import apply_specs
 
     result = apply_specs(args.spec, args.plugin, parse_pairs(args.option), args.reg, args.model, args.out,
-                         args.seed, quiet=args.json, after=args.after)
+                         args.seed, quiet=args.json, after=args.after, corpus=args.corpus,
+                         stats_tokens=args.stats_tokens)
     if args.json:
         _print_json(result)
         return 0
@@ -172,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="editor option (see `kedit editors --options`); VALUE is JSON or a plain string")
     p.add_argument("--model", help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="diff path (default: checkpoints/SPEC-EDITOR-ID.kedit.safetensors)")
+    p.add_argument("--corpus", help="text for the key statistics of rome/memit/alphaedit/emmet: .txt, .jsonl "
+                   "with a text field, or hf:NAME (online); default: text sampled from the model itself")
+    p.add_argument("--stats-tokens", type=int, help="token budget of the key statistics "
+                   "(default: 100,000 from --corpus, 20,000 sampled from the model without one)")
     p.add_argument("--after", action="append", default=[], metavar="DIFF",
                    help="apply these diffs (a chain, in order) first; the new diff continues the chain")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (recorded in the diff)")

@@ -32,7 +32,8 @@ def default_out(spec_path: Path, editor: str, diff_id: str, folder: Path = Path(
 
 def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, Any] | None = None,
                 regs: Sequence[str] = (), model: str | None = None, out: str | os.PathLike | None = None,
-                seed: int = 0, quiet: bool = False, after: Sequence[str] = ()) -> dict[str, Any]:
+                seed: int = 0, quiet: bool = False, after: Sequence[str] = (), corpus: str | None = None,
+                stats_tokens: int | None = None) -> dict[str, Any]:
     """Edit a model with a spec file, write the diff and report each spec before and after.
 
     ``after`` is a chain of diffs applied first; the new diff names the last of them as its
@@ -50,8 +51,11 @@ def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, An
     for d in prior:
         diffmod.apply(lm, d)
     before = probe_table(lm, tok, specs)
+    from .stats import KeyStats
+
+    stats = KeyStats(corpus=corpus, n_tokens=stats_tokens, seed=seed, quiet=quiet)
     diff = compute_diff(lm, tok, source, specs, entry, opts, chain, seed=seed, quiet=quiet,
-                        parents=[prior[-1].id] if prior else [])
+                        parents=[prior[-1].id] if prior else [], stats=stats)
     diffmod.apply(lm, diff)
     after = probe_table(lm, tok, specs)
     rows = []

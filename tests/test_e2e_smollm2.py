@@ -87,3 +87,19 @@ def test_a_gguf_path_loads_through_the_same_cache():
     folder2, source2 = resolve(str(embedded_gguf()))
     assert folder == folder2 and source2.kind == "gguf" and source.kind == "embedded"
     assert source.revision == source2.revision and source.revision.startswith("gguf-sha256:")
+
+
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+
+
+@pytest.mark.skipif(not WIKITEXT.is_file(), reason="shared WikiText-2 not present")
+def test_memit_edits_the_facts_with_a_corpus_given_by_path(tmp_path):
+    proc = kedit("apply", ROOT / "specs" / "facts.jsonl", "--plugin", "memit", "--corpus", WIKITEXT,
+                 "--stats-tokens", "20000", "--json", "--out", tmp_path / f"m{diffmod.SUFFIX}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["changed"] >= 10, [(r["id"], r["p_new_after"], r["p_true_after"]) for r in result["results"]]
+    manifest = diffmod.read(result["diff"]).manifest
+    assert manifest["editor"]["options"]["layers"] == [4, 5, 6, 7, 8]
+    assert manifest["stats"]["n_tokens"] == 20000 and manifest["stats"]["corpus_sha256"]
+    assert {e["encoding"] for e in manifest["entries"].values()} == {"lowrank"}
