@@ -29,8 +29,8 @@ def rss_mib() -> float:
 
 
 def cases(n: int):
-    from kedit.spec import import_specs
     from kedit.plugins import lookup
+    from kedit.spec import import_specs
 
     records = lookup("spec_importers", "counterfact").obj().read(DATA / "counterfact" / "counterfact-train.json")
     specs, _ = import_specs(records, skip_invalid=True)

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field
-
-from kedit import hookimpl
 from kedit_plugins.lte import capture
 from kedit_plugins.lte.solve import alphaedit_delta, null_space_basis
 from kedit_plugins.memit import Memit, MemitOptions
+from pydantic import Field
+
+from kedit import hookimpl
 
 
 class AlphaEditOptions(MemitOptions):

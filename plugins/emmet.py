@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from kedit_plugins.lte.solve import emmet_delta
+from kedit_plugins.memit import Memit, MemitOptions
 from pydantic import Field
 
 from kedit import hookimpl
-from kedit_plugins.lte.solve import emmet_delta
-from kedit_plugins.memit import Memit, MemitOptions
 
 
 class EmmetOptions(MemitOptions):

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from kedit_plugins.lte import capture, values
+from kedit_plugins.lte.prompts import context_templates, fact_row
+from kedit_plugins.lte.solve import memit_delta, stored_lowrank
 from pydantic import Field
 
 from kedit import hookimpl
@@ -17,9 +20,6 @@ from kedit.api import EditContext, Editor, Options
 from kedit.arch import num_layers, resolve_layer
 from kedit.delta import to_dense
 from kedit.spec import EditSpec
-from kedit_plugins.lte import capture, values
-from kedit_plugins.lte.prompts import context_templates, fact_row
-from kedit_plugins.lte.solve import memit_delta, stored_lowrank
 
 
 class MemitOptions(values.ValueOptions, Options):
@@ -36,7 +36,7 @@ def family_defaults(options: Any, config) -> Any:
     """Fill the options left unset with the defaults of the model's family."""
     rotary = config.model_type in values.ROTARY
     fill = {"mom2_update_weight": 2000.0 if rotary else 15000.0, "clamp_norm_factor": 4.0 if rotary else 0.75,
-            "v_weight_decay": 1e-3 if rotary else 0.5}
+            "v_weight_decay": values.default_weight_decay(config)}
     return options.model_copy(update={k: v for k, v in fill.items() if getattr(options, k) is None})
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from kedit_plugins.lte import capture, values
+from kedit_plugins.lte.prompts import context_templates, fact_row
+from kedit_plugins.lte.solve import spd_solve, stored_lowrank
+from kedit_plugins.lte.values import default_weight_decay
 from pydantic import Field
 
 from kedit import hookimpl
@@ -17,9 +21,6 @@ from kedit.api import EditContext, Editor, Options
 from kedit.arch import num_layers, resolve_layer
 from kedit.delta import add, to_dense
 from kedit.spec import EditSpec
-from kedit_plugins.lte import capture, values
-from kedit_plugins.lte.prompts import context_templates, fact_row
-from kedit_plugins.lte.solve import spd_solve, stored_lowrank
 
 
 class RomeOptions(values.ValueOptions, Options):
@@ -42,9 +43,8 @@ class Rome(Editor):
     def resolve(self, options: RomeOptions, model: torch.nn.Module) -> RomeOptions:
         layer = resolve_layer(default_layer(model.config) if options.layer is None else options.layer, model.config)
         wd = options.v_weight_decay
-        if wd is None:
-            wd = 1e-3 if model.config.model_type in values.ROTARY else 0.5
-        return options.model_copy(update={"layer": layer, "v_weight_decay": wd})
+        return options.model_copy(update={"layer": layer, "v_weight_decay":
+                                          default_weight_decay(model.config) if wd is None else wd})
 
     def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: RomeOptions,
              context: EditContext) -> dict[str, Any]:

@@ -9,7 +9,7 @@ template prefixes are most of each prompt, so most of the work disappears, exact
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch.func import functional_call

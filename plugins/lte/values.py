@@ -22,8 +22,12 @@ from . import suffix
 from .capture import _first, hooks
 from .prompts import Row, fact_row, kl_row, pad, pad_id
 
-
 ROTARY = {"llama", "mistral", "qwen2"}
+
+
+def default_weight_decay(config) -> float:
+    """The reference configs' v* weight decay: 1e-3 for rotary decoders, 0.5 for the GPT families."""
+    return 1e-3 if config.model_type in ROTARY else 0.5
 
 
 class ValueOptions(BaseModel):
@@ -83,7 +87,7 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
 
     weight_decay = opts.v_weight_decay
     if weight_decay is None:
-        weight_decay = 1e-3 if model.config.model_type in ROTARY else 0.5
+        weight_decay = default_weight_decay(model.config)
     d = model.config.hidden_size
     delta = torch.zeros(n, d, device=device, requires_grad=True)
     site_module = _site_module(model, arch, site, layer)
