@@ -14,7 +14,9 @@ class ArchSpec:
 
     ``mlp_out`` is a module path template with ``{}`` for the layer index.  ``transposed`` is
     True when the weight is stored as (d_in, d_out), as GPT-2's Conv1D does, instead of
-    torch.nn.Linear's (d_out, d_in).
+    torch.nn.Linear's (d_out, d_in). ``block`` names a block layout that the locate-then-edit
+    machinery can run packed (``"llama"``: pre-norm RMSNorm, rotary attention, gated MLP, with
+    the parameter names of transformers' Llama); leave it empty for any other layout.
     """
 
     model_type: str
@@ -22,6 +24,7 @@ class ArchSpec:
     mlp_out: str
     transposed: bool = False
     final_norm: str = ""  # the norm before the unembedding; the unembedding is model.get_output_embeddings()
+    block: str = ""  # a decoder-block layout kedit can run packed ("llama"); "" = only the model's own forward
 
     def mlp_out_weight(self, layer: int) -> str:
         return self.mlp_out.format(layer) + ".weight"

@@ -179,22 +179,55 @@ def test_memit_spreads_over_layers_and_alphaedit_respects_the_null_space(stats):
         assert state["alphaedit"][layer].shape == c0.shape  # keys carried for a sequence
 
 
-@pytest.mark.parametrize("layer", [0, 2])
-def test_suffix_forward_equals_full_recomputation_in_value_and_gradient(layer):
-    """The fast v* path (cached prefix, only the fact token onwards through layers > L) is exact."""
-    from kedit_plugins.lte.capture import _first
-    from kedit_plugins.lte.prompts import pad, pad_id
-    from kedit_plugins.lte.suffix import SuffixRunner
+def _qwen2():
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
-    model, tok, arch, specs = _setup("llama")
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, initializer_range=0.3)
+    return AutoModelForCausalLM.from_config(config).eval()  # q/k/v carry biases
+
+
+def _packed_case(kind):
+    model = _qwen2() if kind == "qwen2" else tiny_model("llama")
+    tok, specs = tiny_tokenizer(), [EditSpec(**s) for s in TINY_SPECS]
     templates = ["{}", "Apple was founded by Steve. {}", "The a. {}"]
+    return model, tok, arch_for(model), specs, templates
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_packed_lookup_activations_equal_the_models_forward(kind):
+    """Packing, shared template heads and weight overrides give the model's own activations."""
+    model, tok, arch, specs, templates = _packed_case(kind)
+    rows = [fact_row(tok, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
+    w = model.get_parameter(arch.mlp_out_weight(1)).detach()
+    overrides = {arch.mlp_out_weight(1): w + 0.3 * torch.randn_like(w)}
+    kw = {"key_layers": [0, 2], "block_layers": [1, 3], "mlp_out_layers": [2], "overrides": overrides}
+    fast = capture.at_lookup(model, tok, arch, rows, fast=True, **kw)
+    full = capture.at_lookup(model, tok, arch, rows, fast=False, **kw)
+    assert fast.keys() == full.keys()
+    for name in full:
+        torch.testing.assert_close(fast[name], full[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_suffix_forward_equals_full_recomputation_in_value_and_gradient(kind, layer):
+    """The fast v* path (packed, shared heads, only the fact token onwards through layers > L) is exact."""
+    from kedit_plugins.lte.capture import _first
+    from kedit_plugins.lte.packed import ValueRunner
+    from kedit_plugins.lte.prompts import pad, pad_id
+
+    model, tok, arch, specs, templates = _packed_case(kind)
     rows = [fact_row(tok, t, s, i, with_target=True) for i, s in enumerate(specs) for t in templates]
     g = torch.Generator().manual_seed(0)
     delta = (torch.randn(len(rows), 32, generator=g) * 3).requires_grad_(True)
     probe = torch.randn(32, generator=g)
 
-    runner = SuffixRunner(model, arch, rows, layer, pad_id(tok))
-    fast = runner.hidden(delta)
+    runner = ValueRunner(model, arch, rows, layer)
+    active = torch.tensor([0, 2, 3, 5])  # a subset, as after some requests stopped early
+    fast, offset = runner.hidden(delta[active], active)
     ids, mask = pad(rows, pad_id(tok))
     look = torch.tensor([r.lookup for r in rows])
     rr = torch.arange(len(rows))
@@ -209,14 +242,16 @@ def test_suffix_forward_equals_full_recomputation_in_value_and_gradient(layer):
     finally:
         handle.remove()
     f_vals, s_vals = [], []
-    for i, r in enumerate(rows):
+    for i in active.tolist():
+        r = rows[i]
         for s in range(len(r.ids) - r.lookup):
             f_vals.append(full[i, r.lookup + s])
-            s_vals.append(fast[i, s])
+            s_vals.append(fast[offset[i] + s])
     f_vals, s_vals = torch.stack(f_vals), torch.stack(s_vals)
     torch.testing.assert_close(s_vals, f_vals, rtol=1e-4, atol=1e-5)
     (g_full,) = torch.autograd.grad((f_vals @ probe).square().sum(), [delta], retain_graph=True)
     (g_fast,) = torch.autograd.grad((s_vals @ probe).square().sum(), [delta])
+    assert float(g_full.abs().sum()) > 0
     torch.testing.assert_close(g_fast, g_full, rtol=1e-4, atol=1e-5)
 
 

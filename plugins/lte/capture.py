@@ -9,6 +9,7 @@ from torch.func import functional_call
 
 from kedit.arch import ArchSpec
 
+from . import packed
 from .prompts import Row, pad, pad_id
 
 
@@ -41,14 +42,17 @@ def run(model: torch.nn.Module, overrides: Mapping[str, torch.Tensor] | None, id
 @torch.no_grad()
 def at_lookup(model: torch.nn.Module, tok: Any, arch: ArchSpec, rows: Sequence[Row], key_layers: Sequence[int] = (),
               block_layers: Sequence[int] = (), mlp_out_layers: Sequence[int] = (),
-              overrides: Mapping[str, torch.Tensor] | None = None, batch_size: int = 64) -> dict[tuple[str, int], torch.Tensor]:
-    """Activations at each row's lookup position, in one forward per batch that stops after the
-    deepest layer asked for.
+              overrides: Mapping[str, torch.Tensor] | None = None, batch_size: int = 64,
+              fast: bool = True) -> dict[tuple[str, int], torch.Tensor]:
+    """Activations at each row's lookup position: packed (:mod:`.packed`) where the block layout
+    allows, else in one forward of the model per batch that stops after the deepest layer asked for.
 
     Returns ``{("key", l): (rows, d_k)}`` (input of layer l's MLP output matrix),
     ``{("block", l): (rows, d)}`` (output of block l) and ``{("mlp_out", l): (rows, d)}``.
     """
     wanted = [("key", l) for l in key_layers] + [("block", l) for l in block_layers] + [("mlp_out", l) for l in mlp_out_layers]
+    if fast and packed.supported(model, arch, rows):
+        return packed.at_lookup(model, arch, rows, wanted, overrides)
     order = {"key": 0, "mlp_out": 1, "block": 2}  # the order the hooks fire within a layer
     last = max(wanted, key=lambda w: (w[1], order[w[0]]))
     out: dict[tuple[str, int], list[torch.Tensor]] = {w: [] for w in wanted}
@@ -60,7 +64,7 @@ def at_lookup(model: torch.nn.Module, tok: Any, arch: ArchSpec, rows: Sequence[R
         look = torch.tensor([r.lookup for r in chunk], device=device)
         handles = []
 
-        def grab(kind: str, layer: int, tensor: torch.Tensor) -> None:
+        def grab(kind: str, layer: int, tensor: torch.Tensor, r_idx=r_idx, look=look) -> None:
             out[(kind, layer)].append(tensor[r_idx, look].detach().double().cpu())
             if (kind, layer) == last:
                 raise _Stop

@@ -68,6 +68,7 @@ class Row:
     lookup: int
     targets: list[int] = field(default_factory=list)  # token ids predicted...
     target_pos: list[int] = field(default_factory=list)  # ...from these positions
+    head: str = ""  # the context template's text before the prompt: rows sharing it share leading tokens
 
 
 def fact_row(tok: Any, template: str, spec: EditSpec, request: int, with_target: bool) -> Row:
@@ -77,7 +78,7 @@ def fact_row(tok: Any, template: str, spec: EditSpec, request: int, with_target:
     before, _, after = spec.prompt.partition("{}")
     text = head + before + spec.subject + after + tail
     ids, lookup = subject_last_token(tok, text, len(head) + len(before) + len(spec.subject))
-    row = Row(request, ids, lookup)
+    row = Row(request, ids, lookup, head=head)
     if with_target:
         tgt = target_ids(tok, spec.target_new)
         row.ids = ids + tgt[:-1]

@@ -18,7 +18,7 @@ from torch.func import functional_call
 from kedit.arch import ArchSpec
 from kedit.spec import EditSpec
 
-from . import suffix
+from . import packed
 from .capture import _first, hooks
 from .prompts import Row, fact_row, kl_row, pad, pad_id
 
@@ -62,7 +62,7 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
              progress: Callable[..., Any] = lambda x, **_: x, fast: bool = True) -> Values:
     """Optimise one δ per spec at ``site`` of ``layer``; ``average_init`` takes v_init as the mean
     over the templates (r-ROME) instead of the plain prompt's value; ``fast`` uses the exact
-    suffix-only forward (:mod:`.suffix`) where the architecture allows it."""
+    packed suffix-only forward (:mod:`.packed`) where the architecture allows it."""
     n = len(specs)
     device = next(model.parameters()).device
     rows: list[Row] = []
@@ -70,10 +70,8 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
         rows += [fact_row(tok, t, spec, i, with_target=True) for t in templates]
     n_fact = len(rows)
     rows += [kl_row(tok, spec, i) for i, spec in enumerate(specs)]
-    ids, mask = pad(rows, pad_id(tok), device)
     row_req = torch.tensor([r.request for r in rows], device=device)
     row_look = torch.tensor([r.lookup for r in rows], device=device)
-    all_rows = torch.arange(len(rows), device=device)
     plain = torch.tensor([i * len(templates) for i in range(n)], device=device)  # template "{}" comes first
 
     sel = [(j, p, t) for j, r in enumerate(rows[:n_fact]) for p, t in zip(r.target_pos, r.targets)]
@@ -83,57 +81,26 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
     # weight of each target token in its request's mean NLL: 1/len(target) per row, 1/rows per request
     sel_w = torch.tensor([1.0 / len(rows[j].targets) / len(templates) for j, _, _ in sel], device=device)
     sel_req = row_req[sel_row]
-    kl_rows = torch.arange(n_fact, len(rows), device=device)
+    kl_rows = torch.arange(n_fact, len(rows), device=device)  # request i's KL row is n_fact + i
 
     weight_decay = opts.v_weight_decay
     if weight_decay is None:
         weight_decay = default_weight_decay(model.config)
     d = model.config.hidden_size
     delta = torch.zeros(n, d, device=device, requires_grad=True)
-    site_module = _site_module(model, arch, site, layer)
-    if fast and suffix.supported(model, overrides, arch, layer):
-        # δ at the MLP output or at the block output of layer L: both add δ to the block output there.
-        grabbed: dict[str, torch.Tensor] = {}
+    if fast and packed.supported(model, arch, rows):
+        runner = packed.ValueRunner(model, arch, rows, layer, overrides)
+        init_rows = runner.site[site]
 
-        def keep(_m, _a, out) -> None:  # returns None: the output is only read
-            grabbed["site"] = _first(out).detach()[all_rows, row_look].double()
-
-        grab = site_module.register_forward_hook(keep)
-        with hooks([grab]):
-            runner = suffix.SuffixRunner(model, arch, rows, layer, pad_id(tok), overrides)
-        init_rows = grabbed["site"]
-        sel_spos = sel_pos - row_look[sel_row]
-
-        def final_hidden(delta_rows):
-            h = runner.hidden(delta_rows)
-            return h[sel_row, sel_spos], h[kl_rows, torch.zeros_like(kl_rows)]
+        def final_hidden(delta_req, active):
+            """Final hidden states at the selected targets and KL positions of the active requests only."""
+            act_rows = torch.nonzero(active[row_req]).squeeze(1)
+            h, offset = runner.hidden(delta_req[row_req[act_rows]], act_rows)
+            s = active[sel_req]
+            return h[offset[sel_row[s]] + sel_pos[s] - row_look[sel_row[s]]], h[offset[kl_rows[active]]]
     else:
-        captured: dict[str, torch.Tensor] = {}
-        holder: dict[str, torch.Tensor] = {}
-
-        def add_delta(_m, _args, out):
-            h = _first(out)
-            captured.setdefault("init", h[all_rows, row_look].detach().double())
-            h = h.index_put((all_rows, row_look), h[all_rows, row_look] + holder["rows"].to(h.dtype))
-            return (h, *out[1:]) if isinstance(out, tuple) else h
-
-        backbone = model.base_model
-        prefix = model.base_model_prefix + "."
-        inner = {k.removeprefix(prefix): v for k, v in (overrides or {}).items()}
-
-        def final_hidden(delta_rows):
-            holder["rows"] = delta_rows
-            handle = site_module.register_forward_hook(add_delta)
-            with hooks([handle]):
-                kwargs = {"input_ids": ids, "attention_mask": mask}
-                out = (functional_call(backbone, inner, args=(), kwargs=kwargs, strict=False) if inner
-                       else backbone(**kwargs))
-            h = out.last_hidden_state
-            return h[sel_row, sel_pos], h[kl_rows, row_look[kl_rows]]
-
-        with torch.no_grad():
-            final_hidden(torch.zeros(len(rows), d, device=device))
-        init_rows = captured["init"]
+        init_rows, final_hidden = _full_forward(model, tok, arch, rows, site, layer, overrides, sel_row, sel_pos,
+                                                kl_rows, row_req)
 
     if average_init:
         v_init = torch.zeros(n, d, dtype=torch.float64, device=device).index_add_(
@@ -149,17 +116,20 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
     init_kl: torch.Tensor | None = None
     nll_req = torch.zeros(n, device=device)
     for step in progress(range(opts.v_steps), desc=f"v* layer {layer}", unit="step"):
-        h_sel, h_kl = final_hidden(delta[row_req])
+        # finished requests are frozen and no longer run at all
+        s_mask, act = active[sel_req], torch.nonzero(active).squeeze(1)
+        h_sel, h_kl = final_hidden(delta, active)
         logp = torch.log_softmax(unembed(h_sel).float(), dim=-1)
-        tok_lp = logp[torch.arange(len(sel), device=device), sel_tok]
-        nll_req = torch.zeros(n, device=device).index_add(0, sel_req, -tok_lp * sel_w)
+        tok_lp = logp[torch.arange(len(h_sel), device=device), sel_tok[s_mask]]
+        nll = torch.zeros(n, device=device).index_add(0, sel_req[s_mask], -tok_lp * sel_w[s_mask])
         kl_logp = torch.log_softmax(unembed(h_kl).float(), dim=-1)
         if init_kl is None:
             init_kl = kl_logp.detach()
-        kl = (kl_logp.exp() * (kl_logp - init_kl)).sum(dim=1)
+        kl = torch.zeros(n, device=device).index_put((act,), (kl_logp.exp() * (kl_logp - init_kl[act])).sum(dim=1))
         wd = weight_decay * delta.norm(dim=1) / v_norm**2
-        loss = nll_req + opts.kl_factor * kl + wd
-        for i in torch.nonzero(active).flatten().tolist():
+        loss = nll + opts.kl_factor * kl + wd
+        nll_req[act] = nll.detach()[act]
+        for i in act.tolist():
             steps[i] = step + 1
         active &= ~(loss.detach() < opts.early_stop_loss)
         if not bool(active.any()) or step == opts.v_steps - 1:
@@ -174,4 +144,42 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
             norms = delta.norm(dim=1).clamp_min(1e-12)
             delta.mul_(torch.clamp(limit / norms, max=1.0).unsqueeze(1))
     z = v_init + delta.detach().double()
-    return Values(z.cpu(), v_init.cpu(), steps, nll_req.detach().cpu().tolist())
+    return Values(z.cpu(), v_init.cpu(), steps, nll_req.cpu().tolist())
+
+
+def _full_forward(model, tok, arch, rows, site, layer, overrides, sel_row, sel_pos, kl_rows, row_req):
+    """The reference path for any architecture: the whole padded batch through the model's own
+    forward, with δ added by a hook."""
+    device = next(model.parameters()).device
+    ids, mask = pad(rows, pad_id(tok), device)
+    all_rows = torch.arange(len(rows), device=device)
+    row_look = torch.tensor([r.lookup for r in rows], device=device)
+    site_module = _site_module(model, arch, site, layer)
+    captured: dict[str, torch.Tensor] = {}
+    holder: dict[str, torch.Tensor] = {}
+
+    def add_delta(_m, _args, out):
+        h = _first(out)
+        captured.setdefault("init", h[all_rows, row_look].detach().double())
+        h = h.index_put((all_rows, row_look), h[all_rows, row_look] + holder["rows"].to(h.dtype))
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    backbone = model.base_model
+    prefix = model.base_model_prefix + "."
+    inner = {k.removeprefix(prefix): v for k, v in (overrides or {}).items()}
+
+    def final_hidden(delta_req, active):
+        holder["rows"] = delta_req[row_req]
+        handle = site_module.register_forward_hook(add_delta)
+        with hooks([handle]):
+            kwargs = {"input_ids": ids, "attention_mask": mask}
+            out = (functional_call(backbone, inner, args=(), kwargs=kwargs, strict=False) if inner
+                   else backbone(**kwargs))
+        h = out.last_hidden_state
+        s = active[row_req[sel_row]]
+        return h[sel_row[s], sel_pos[s]], h[kl_rows[active], row_look[kl_rows[active]]]
+
+    with torch.no_grad():
+        final_hidden(torch.zeros(int(row_req.max()) + 1, model.config.hidden_size, device=device),
+                     torch.ones(int(row_req.max()) + 1, dtype=torch.bool, device=device))
+    return captured["init"], final_hidden
