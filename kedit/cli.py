@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Large CPU tensors on transparent huge pages: first touches of fresh memory cost about 5x
+    # less, which is several seconds per batched edit. Read by torch at its first allocation,
+    # so it only takes effect when torch is not imported yet (the command line).
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

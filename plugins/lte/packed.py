@@ -157,8 +157,11 @@ class Stack:
         out = out.view(b, self.kvh, rep, s, self.dh).permute(0, 3, 1, 2, 4).reshape(b, s, self.nh * self.dh)
         return out[lay.row, lay.slot]
 
-    def layer(self, j: int, x: torch.Tensor, lay: Layout, rope, prefix: Prefix | None = None):
-        """Block ``j`` on packed tokens: (new x, (k, v) of the live tokens, MLP key, MLP output)."""
+    def layer(self, j: int, x: torch.Tensor, lay: Layout, rope, prefix: Prefix | None = None,
+              keep: torch.Tensor | None = None):
+        """Block ``j`` on packed tokens: (new x, (k, v) of the live tokens, MLP key, MLP output).
+        With ``keep`` (token indices), only those tokens go on after attention: the last layer
+        needs every token's keys/values but only the outputs that are read."""
         pre = f"{self.arch.layers}.{j}."
         h = self._norm(x, pre + "input_layernorm.weight")
         q = self._lin(h, pre + "self_attn.q_proj").view(-1, self.nh, self.dh)
@@ -166,7 +169,10 @@ class Stack:
         v = self._lin(h, pre + "self_attn.v_proj").view(-1, self.kvh, self.dh)
         cos, sin = rope
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        x = x + self._lin(self._attend(q, k, v, lay, prefix), pre + "self_attn.o_proj")
+        a = self._attend(q, k, v, lay, prefix)
+        if keep is not None:
+            x, a = x[keep], a[keep]
+        x = x + self._lin(a, pre + "self_attn.o_proj")
         h = self._norm(x, pre + "post_attention_layernorm.weight")
         key = self.act(self._lin(h, pre + "mlp.gate_proj")) * self._lin(h, pre + "mlp.up_proj")
         out = self._lin(key, pre + "mlp.down_proj")
@@ -291,7 +297,9 @@ class ValueRunner:
         self.suffix_start = torch.tensor([0] + suffix_len[:-1], device=dev).cumsum(0)
         self._plan: tuple | None = None
 
-    def _select(self, active_rows: torch.Tensor):
+    def plan(self, active_rows: torch.Tensor) -> torch.Tensor:
+        """Prepare :meth:`hidden` for ``active_rows`` (sorted row indices); returns ``offset``: row
+        r's suffix slot s is packed token ``offset[r] + s``."""
         key = tuple(active_rows.tolist())
         if self._plan is None or self._plan[0] != key:
             lay = Layout.spans(self.look[active_rows].tolist(), [self.ends[i] for i in key], self.stack.device)
@@ -299,17 +307,20 @@ class ValueRunner:
             offset = torch.full_like(self.look, -1)
             offset[active_rows] = torch.tensor([0] + lay.lens.tolist()[:-1], device=self.look.device).cumsum(0)
             prefixes = {j: p.rows(active_rows) for j, p in self.prefix.items()}
-            first = lay.slot == 0
+            first = torch.nonzero(lay.slot == 0).squeeze(1)
             self._plan = (key, lay, src, offset, prefixes, first, self.stack.rope(self.h0, lay.pos))
-        return self._plan[1:]
+        return self._plan[3]
 
-    def hidden(self, delta_rows: torch.Tensor, active_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-norm hidden states of the suffix tokens of ``active_rows`` (sorted row indices),
-        with ``delta_rows`` (one per active row) added at the fact token of layer L's output.
-        Returns (packed states, offset): row r's suffix slot s is ``states[offset[r] + s]``."""
-        lay, src, offset, prefixes, first, rope = self._select(active_rows)
+    def hidden(self, delta_rows: torch.Tensor, active_rows: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states of the packed suffix tokens ``need`` (see :meth:`plan`) with
+        ``delta_rows`` (one per active row) added at the fact token of layer L's output."""
+        self.plan(active_rows)
+        _, lay, src, _, prefixes, first, rope = self._plan
         x = self.h0[src]
-        x = x.index_put((torch.nonzero(first).squeeze(1),), x[first] + delta_rows.to(x.dtype))
-        for j in range(self.layer + 1, self.stack.n_layers):
-            x, _, _, _ = self.stack.layer(j, x, lay, rope, prefixes[j])
-        return self.stack.final_norm(x), offset
+        x = x.index_put((first,), x[first] + delta_rows.to(x.dtype))
+        top = self.stack.n_layers - 1
+        for j in range(self.layer + 1, top + 1):
+            x, _, _, _ = self.stack.layer(j, x, lay, rope, prefixes[j], keep=need if j == top else None)
+        if self.layer == top:
+            x = x[need]
+        return self.stack.final_norm(x)

@@ -95,9 +95,11 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
         def final_hidden(delta_req, active):
             """Final hidden states at the selected targets and KL positions of the active requests only."""
             act_rows = torch.nonzero(active[row_req]).squeeze(1)
-            h, offset = runner.hidden(delta_req[row_req[act_rows]], act_rows)
+            offset = runner.plan(act_rows)
             s = active[sel_req]
-            return h[offset[sel_row[s]] + sel_pos[s] - row_look[sel_row[s]]], h[offset[kl_rows[active]]]
+            need_sel = offset[sel_row[s]] + sel_pos[s] - row_look[sel_row[s]]
+            h = runner.hidden(delta_req[row_req[act_rows]], act_rows, torch.cat([need_sel, offset[kl_rows[active]]]))
+            return h[: len(need_sel)], h[len(need_sel):]
     else:
         init_rows, final_hidden = _full_forward(model, tok, arch, rows, site, layer, overrides, sel_row, sel_pos,
                                                 kl_rows, row_req)
