@@ -32,8 +32,7 @@ def _memo_values():
 
     def optimize(model, tok, arch, specs, templates, site, layer, opts, **kw):
         key = (tuple(s.id for s in specs), tuple(templates), site, layer,
-               json.dumps(values.ValueOptions(**{k: getattr(opts, k) for k in values.ValueOptions.model_fields})
-                          .model_dump(), sort_keys=True))
+               json.dumps(opts.model_dump(include=set(values.ValueOptions.model_fields)), sort_keys=True))
         if key not in memo:
             memo[key] = real(model, tok, arch, specs, templates, site, layer, opts, **kw)
         return memo[key]

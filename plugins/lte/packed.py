@@ -254,6 +254,19 @@ def at_lookup(model: torch.nn.Module, arch: ArchSpec, rows: Sequence[Row], wante
     return out
 
 
+@dataclass
+class _Plan:
+    """The suffix batch of one set of active rows (rebuilt only when a request stops)."""
+
+    key: tuple[int, ...]
+    lay: Layout
+    src: torch.Tensor  # packed index into h0 of each suffix token
+    offset: torch.Tensor  # (rows,) first packed token of each active row, -1 otherwise
+    prefixes: dict[int, Prefix]
+    first: torch.Tensor  # packed indices of the fact tokens
+    rope: tuple[torch.Tensor, torch.Tensor]
+
+
 class ValueRunner:
     """The v* forward: the prompts run once here; :meth:`hidden` then runs the suffixes only."""
 
@@ -280,7 +293,7 @@ class ValueRunner:
                     after = lay.pos >= self.look[lay.row]
                     self.h0 = x[after]  # suffix tokens, row-major
                     before = ~after  # only these matter to the layers above
-                    lay, x, rope, k, v = lay.keep(before), x[before], (rope[0][before], rope[1][before]), k, v
+                    lay, x, rope = lay.keep(before), x[before], (rope[0][before], rope[1][before])
                 elif j > layer:
                     # the prefix each suffix attends to: its head's keys/values, then its own tokens before the fact token
                     pk = torch.zeros(len(rows), p_max, stack.kvh, stack.dh, dtype=x.dtype, device=dev)
@@ -293,34 +306,32 @@ class ValueRunner:
                         pk[lay.row, lay.pos], pv[lay.row, lay.pos] = k, v
                     self.prefix[j] = Prefix(pk.transpose(1, 2).contiguous(), pv.transpose(1, 2).contiguous(), self.look)
         suffix_len = [e - lk for e, lk in zip(ends, look)]
-        self.suffix_len = torch.tensor(suffix_len, device=dev)
         self.suffix_start = torch.tensor([0] + suffix_len[:-1], device=dev).cumsum(0)
-        self._plan: tuple | None = None
+        self._plan: _Plan | None = None
 
     def plan(self, active_rows: torch.Tensor) -> torch.Tensor:
         """Prepare :meth:`hidden` for ``active_rows`` (sorted row indices); returns ``offset``: row
         r's suffix slot s is packed token ``offset[r] + s``."""
         key = tuple(active_rows.tolist())
-        if self._plan is None or self._plan[0] != key:
+        if self._plan is None or self._plan.key != key:
             lay = Layout.spans(self.look[active_rows].tolist(), [self.ends[i] for i in key], self.stack.device)
-            src = self.suffix_start[active_rows][lay.row] + lay.slot  # packed index into h0
             offset = torch.full_like(self.look, -1)
             offset[active_rows] = torch.tensor([0] + lay.lens.tolist()[:-1], device=self.look.device).cumsum(0)
-            prefixes = {j: p.rows(active_rows) for j, p in self.prefix.items()}
-            first = torch.nonzero(lay.slot == 0).squeeze(1)
-            self._plan = (key, lay, src, offset, prefixes, first, self.stack.rope(self.h0, lay.pos))
-        return self._plan[3]
+            self._plan = _Plan(key, lay, src=self.suffix_start[active_rows][lay.row] + lay.slot, offset=offset,
+                               prefixes={j: p.rows(active_rows) for j, p in self.prefix.items()},
+                               first=torch.nonzero(lay.slot == 0).squeeze(1), rope=self.stack.rope(self.h0, lay.pos))
+        return self._plan.offset
 
     def hidden(self, delta_rows: torch.Tensor, active_rows: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states of the packed suffix tokens ``need`` (see :meth:`plan`) with
         ``delta_rows`` (one per active row) added at the fact token of layer L's output."""
         self.plan(active_rows)
-        _, lay, src, _, prefixes, first, rope = self._plan
-        x = self.h0[src]
-        x = x.index_put((first,), x[first] + delta_rows.to(x.dtype))
+        p = self._plan
+        x = self.h0[p.src]
+        x = x.index_put((p.first,), x[p.first] + delta_rows.to(x.dtype))
         top = self.stack.n_layers - 1
         for j in range(self.layer + 1, top + 1):
-            x, _, _, _ = self.stack.layer(j, x, lay, rope, prefixes[j], keep=need if j == top else None)
+            x, _, _, _ = self.stack.layer(j, x, p.lay, p.rope, p.prefixes[j], keep=need if j == top else None)
         if self.layer == top:
             x = x[need]
         return self.stack.final_norm(x)
