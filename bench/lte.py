@@ -43,7 +43,7 @@ def single_edits(model, tok, source, specs, editor, opts, stats) -> tuple[dict[s
     """Each spec edited alone on the unedited model: mean ES/PS/NS and the median seconds per edit."""
     from kedit import diff as diffmod
     from kedit.editing import compute_diff
-    from kedit.scoring import counterfact_scores
+    from kedit_plugins.edit_metrics import counterfact_scores
 
     per, times = [], []
     for spec in specs:
@@ -70,7 +70,8 @@ def main() -> None:
     from kedit.editing import compute_diff, resolve_editor
     from kedit.models import load
     from kedit.options import parse_pairs
-    from kedit.scoring import counterfact_scores, perplexity
+    from kedit.scoring import perplexity
+    from kedit_plugins.edit_metrics import counterfact_scores
     from kedit.stats import KeyStats
 
     model, tok, source = load(None, quiet=True)

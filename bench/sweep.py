@@ -57,7 +57,8 @@ def main() -> None:
     from kedit import diff as diffmod
     from kedit.editing import compute_diff, resolve_editor
     from kedit.models import load
-    from kedit.scoring import counterfact_scores, perplexity
+    from kedit.scoring import perplexity
+    from kedit_plugins.edit_metrics import counterfact_scores
     from kedit.stats import KeyStats
 
     model, tok, source = load(None, quiet=True)

@@ -77,15 +77,54 @@ class Regularizer(ABC):
         ...
 
 
+@dataclass
+class EvalResult:
+    """What an evaluator returns.
+
+    ``samples`` holds, for a metric that is a mean over items (specs, test examples, text
+    windows), the per-item values in a fixed order: the host derives confidence intervals from
+    them, paired between the unedited and the edited model. ``info`` carries what a reader needs
+    to judge a number (sample sizes, chance levels) and is not compared.
+    """
+
+    metrics: dict[str, float]
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalContext:
+    """What the host hands an evaluator besides the model, the specs and its options."""
+
+    seed: int = 0
+    progress: Callable[..., Iterable[Any]] = _no_progress
+    scorer: Any = None  # kedit.scoring.TeacherForced for this model state, shared by all evaluators
+    reference: Any = None  # what this evaluator's ``reference`` returned on the unedited model
+
+
 class Evaluator(ABC):
-    """Scores a model on edit specs (or on data the options point to)."""
+    """Scores a model on edit specs, or on data its options point to.
+
+    ``protocol`` names exactly how the numbers are made, so numbers from different protocols are
+    never compared by accident; change it whenever the numbers would change. An evaluator that
+    compares against the unedited model (KL, argmax agreement) computes what it needs in
+    ``reference``; the host runs that once on the unedited model, caches it by the model's
+    content hash, and passes it back as ``context.reference``.
+    """
 
     name: ClassVar[str]
+    protocol: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
+    primary: ClassVar[str | None] = None
+    uses_specs: ClassVar[bool] = True  # False for data-set evaluators (perplexity, glue)
+
+    def reference(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
+                  context: EvalContext) -> Any:
+        return None
 
     @abstractmethod
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec],
-                 options: Any) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
+                 context: EvalContext) -> EvalResult | dict[str, float]:
         ...
 
 

@@ -28,7 +28,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     result = apply_specs(args.spec, args.plugin, parse_pairs(args.option), args.reg, args.model, args.out,
                          args.seed, quiet=args.json, after=args.after, corpus=args.corpus,
-                         stats_tokens=args.stats_tokens)
+                         stats_tokens=args.stats_tokens, evaluators=args.eval, data=args.data,
+                         use_cache=not args.no_cache)
     if args.json:
         _print_json(result)
         return 0
@@ -38,6 +39,60 @@ def cmd_apply(args: argparse.Namespace) -> int:
               f"{_fmt(r['p_true_before'])} → {_fmt(r['p_true_after'])}   {'yes' if r['changed'] else 'no'}")
     print(f"changed {result['changed']}/{result['count']} facts (new target now more probable than the old)")
     print(f"wrote {result['diff']} ({result['bytes'] / 1024:.1f} KiB, {result['id']})")
+    if "metrics" in result:
+        print()
+        _print_metrics(result)
+    return 0
+
+
+def _num(x: Any) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _print_metrics(result: dict[str, Any]) -> None:
+    """One line per metric: base, edited, difference and its 95% interval."""
+    has_base = "base" in result
+    head = f"{'evaluator':<16} {'metric':<16} " + (f"{'unedited':>10} {'edited':>10} {'change':>10}  95% CI of change"
+                                                   if has_base else f"{'value':>10}  95% CI")
+    print(head)
+    for ev, metrics in result["metrics"].items():
+        for name, value in metrics.items():
+            ci = result["ci"].get(ev, {}).get(name)
+            ci_text = f"[{_num(ci[0])}, {_num(ci[1])}]" if ci else ""
+            if has_base:
+                b = result["base"][ev].get(name)
+                d = result["delta"][ev].get(name)
+                print(f"{ev:<16} {name:<16} {_num(b):>10} {_num(value):>10} {_num(d):>10}  {ci_text}")
+            else:
+                print(f"{ev:<16} {name:<16} {_num(value):>10}  {ci_text}")
+    for ev, protocol in result["protocols"].items():
+        print(f"  {ev}: {protocol}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .workflows import eval_model
+
+    result = eval_model(args.evaluator, args.model, args.diff, args.data, args.specs, args.seed,
+                        quiet=args.json, use_cache=not args.no_cache, label=args.label)
+    if args.out:
+        from .atomic import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    if args.json:
+        _print_json(result)
+        return 0
+    _print_metrics(result)
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    written = write_report(args.results, args.output, title=args.title)
+    for p in written:
+        print(f"wrote {p}")
     return 0
 
 
@@ -181,8 +236,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", action="append", default=[], metavar="DIFF",
                    help="apply these diffs (a chain, in order) first; the new diff continues the chain")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (recorded in the diff)")
+    p.add_argument("--eval", action="append", default=[], metavar="NAME[,NAME...]",
+                   help="evaluators run before and after the edit (see `kedit evaluators`); "
+                   "NAME:VALUE sets the primary option, NAME:K=V,K2=V2 several")
+    p.add_argument("--data", action="append", default=[], metavar="PATH",
+                   help="data file or folder for evaluators that read one (perplexity, glue)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the unedited model's evaluation")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("eval", help="run evaluators on a model, with diffs applied and without")
+    p.add_argument("--model", help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--diff", action="append", default=[], metavar="DIFF",
+                   help="diff to apply (repeat for a chain, in order); the unedited model is evaluated too")
+    p.add_argument("--evaluator", action="append", default=[], metavar="NAME[:OPTIONS]",
+                   help="evaluator to run (repeatable; default with specs: counterfact,token-acc)")
+    p.add_argument("--data", action="append", default=[], metavar="PATH",
+                   help="data for evaluators that read a file or folder (perplexity: text; glue: folder of sets); "
+                   "with several, a folder goes to glue and a file to the others")
+    p.add_argument("--specs", help="edit specs to evaluate on (default: the specs the diffs record)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sample drawn (recorded)")
+    p.add_argument("--label", help="name of this run in reports (default: the diffs' editors)")
+    p.add_argument("--out", help="also write the JSON result to this file (input of `kedit report`)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the unedited model's evaluation")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="Markdown/HTML report with tables and PNG plots from result JSON files")
+    p.add_argument("results", nargs="+", help="JSON files from `kedit eval --out/--json`, `kedit apply --json` or the benches")
+    p.add_argument("-o", "--output", required=True, help="folder to write (index.md, index.html, *.png)")
+    p.add_argument("--title", default="kedit evaluation report")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("check", help="validate a spec file, reporting problems by line and field")
     p.add_argument("spec")

@@ -79,6 +79,29 @@ def _to_cpu(d: D.Delta) -> D.Delta:
     return D.Sparse(d.idx.detach().cpu(), d.val.detach().cpu(), d.shape)
 
 
+def _regularized(weight: torch.Tensor, d: D.Delta, regs: Sequence[Reg]) -> D.Delta:
+    if not regs:
+        return d
+    dense = D.to_dense(d)
+    w = weight.detach().cpu()
+    for reg in regs:
+        dense = reg.entry.obj().apply(w, dense, reg.options).to(torch.float32)
+    return D.Dense(dense)
+
+
+def regularize_diff(model: torch.nn.Module, diff: diffmod.Diff, regs: Sequence[Reg]) -> diffmod.Diff:
+    """The same edit with a regularizer chain run on its deltas, without recomputing the edit
+    (regularizers only see the weights and the deltas). ``model`` is the diff's base."""
+    if diff.manifest.get("regularizers"):
+        raise InputError(f"diff {diff.id} is already regularized; regularize the unregularized edit")
+    params = dict(model.named_parameters())
+    out = {name: _regularized(params[name], d, regs) for name, d in diff.deltas.items()}
+    record = {k: v for k, v in diff.manifest.items() if k not in ("schema", "created", "kedit", "entries", "id", "eval")}
+    record["base"] = {k: v for k, v in record["base"].items() if k != "tensors"}
+    record["regularizers"] = [r.record() for r in regs]
+    return diffmod.build({n: params[n].detach().cpu() for n in out}, out, record)
+
+
 def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, specs: list[EditSpec],
                  editor: Registered, options: Any, regs: Sequence[Reg] = (), seed: int = 0,
                  parents: Sequence[str] = (), state: Any = None, quiet: bool = True,
@@ -108,14 +131,7 @@ def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, sp
     for name, d in deltas.items():
         if name not in params:
             raise KeditError(f"editor {editor.name!r} returned a delta for {name!r}, not a parameter of the model")
-        d = _to_cpu(D.as_delta(d))
-        if regs:
-            dense = D.to_dense(d)
-            w = params[name].detach().cpu()
-            for reg in regs:
-                dense = reg.entry.obj().apply(w, dense, reg.options).to(torch.float32)
-            d = D.Dense(dense)
-        out[name] = d
+        out[name] = _regularized(params[name], _to_cpu(D.as_delta(d)), regs)
     record = {
         "base": {**source.to_json(), "model_type": model.config.model_type},
         "parents": list(parents),

@@ -11,6 +11,7 @@ from . import diff as diffmod
 from .atomic import atomic_dir
 from .editing import compute_diff, resolve_editor, resolve_regs
 from .errors import InputError
+from .evaluate import Evaluation, evaluate_chain, resolve_evaluators, specs_from_diffs
 from .models import load
 from .scoring import target_probs
 from .spec import EditSpec, read_specs
@@ -33,12 +34,14 @@ def default_out(spec_path: Path, editor: str, diff_id: str, folder: Path = Path(
 def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, Any] | None = None,
                 regs: Sequence[str] = (), model: str | None = None, out: str | os.PathLike | None = None,
                 seed: int = 0, quiet: bool = False, after: Sequence[str] = (), corpus: str | None = None,
-                stats_tokens: int | None = None) -> dict[str, Any]:
+                stats_tokens: int | None = None, evaluators: Sequence[str] = (), data: Sequence[str] = (),
+                use_cache: bool = True) -> dict[str, Any]:
     """Edit a model with a spec file, write the diff and report each spec before and after.
 
     ``after`` is a chain of diffs applied first; the new diff names the last of them as its
     parent. Everything that can be wrong with the input is checked before the model is loaded,
-    and nothing is written unless the edit succeeds.
+    and nothing is written unless the edit succeeds. ``evaluators`` run on the model before and
+    after the edit (see :mod:`kedit.evaluate`); their summary goes into the result and the manifest.
     """
     spec_path = Path(spec_path)
     specs = read_specs(spec_path)
@@ -47,10 +50,14 @@ def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, An
     if out is not None and not str(out).endswith(diffmod.SUFFIX):
         raise InputError(f"--out {out}: a diff file name ends in {diffmod.SUFFIX}")
     prior = load_chain(after)
+    chosen = resolve_evaluators(evaluators, data) if evaluators else []
     lm, tok, source = load(model, quiet=quiet)
     for d in prior:
         diffmod.apply(lm, d)
     before = probe_table(lm, tok, specs)
+    evaluation = Evaluation(chosen, specs, seed=seed, quiet=quiet, use_cache=use_cache) if chosen else None
+    if evaluation:
+        evaluation.base(lm, tok)
     from .stats import KeyStats
 
     stats = KeyStats(corpus=corpus, n_tokens=stats_tokens, seed=seed, quiet=quiet)
@@ -66,11 +73,41 @@ def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, An
                      "p_true_before": b["p_true"], "p_true_after": a["p_true"], "changed": changed})
     diff.manifest["eval"] = {"protocol": "target-prob-v1 (exp mean log-prob, teacher forced, edit prompt only)",
                              "changed": sum(r["changed"] for r in rows), "count": len(rows)}
+    summary: dict[str, Any] = {}
+    if evaluation:
+        evaluation.edited(lm, tok)
+        summary = evaluation.summary()
+        diff.manifest["eval"].update({k: summary[k] for k in ("metrics", "base", "protocols")})
     diff.manifest["id"] = diffmod.content_id(diff.manifest, diff.tensors())
     path = Path(out) if out else default_out(spec_path, editor, diff.id)
     diffmod.write(diff, path)
     return {"diff": str(path), "id": diff.id, "bytes": path.stat().st_size, "editor": editor,
-            "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows}
+            "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows, **summary}
+
+
+def eval_model(evaluators: Sequence[str], model: str | None = None, diffs: Sequence[str] = (),
+               data: Sequence[str] = (), spec_path: str | os.PathLike | None = None, seed: int = 0,
+               quiet: bool = False, use_cache: bool = True, label: str | None = None) -> dict[str, Any]:
+    """Run evaluators on a model and, with ``diffs``, on the model with the chain applied.
+
+    The specs are ``spec_path``'s, else those the diffs record. Results on the unedited model are
+    cached by its content hash, so comparing many diffs of one base pays for the base once.
+    """
+    chain = load_chain(diffs)
+    specs = read_specs(spec_path) if spec_path else specs_from_diffs(chain)
+    chosen = resolve_evaluators(evaluators or (["counterfact", "token-acc"] if specs else []), data)
+    if not chosen:
+        raise InputError("nothing to evaluate: name evaluators with --evaluator (see `kedit evaluators`), "
+                         "or give edit specs (--specs, or diffs that record them)")
+    needy = [c.name for c in chosen if c.entry.obj.uses_specs]
+    if needy and not specs:
+        raise InputError(f"evaluator(s) {', '.join(needy)} read edit specs: give --specs SPEC.jsonl "
+                         "or diffs that record their specs")
+    lm, tok, source = load(model, quiet=quiet)
+    result = evaluate_chain(chosen, specs, lm, tok, chain, seed=seed, quiet=quiet, use_cache=use_cache)
+    editors = sorted({(d.manifest.get("editor") or {}).get("name", "?") for d in chain})
+    return {"label": label or ("+".join(editors) if chain else "unedited"), "model": source.to_json(),
+            "diffs": [d.id for d in chain], "specs": len(specs), "seed": seed, **result}
 
 
 def load_chain(paths: Sequence[str | os.PathLike]) -> list[diffmod.Diff]:

@@ -1,0 +1,135 @@
+"""The RECT paradigm study (Gu et al.) on the embedded SmolLM2: general ability after sequential
+and batch editing, with and without the RECT regularizer.
+
+General ability: the GLUE-style sets in ../shared/data/glue (zero-shot, answer-option
+log-likelihood, `--sample` examples per set), scored as changes against the unedited model with
+paired 95% intervals. Edit success: CounterFact ES/PS/NS on the specs edited so far. Edits: the
+first CounterFact cases of ../shared/data/counterfact. Key statistics: WikiText-2 test (cached).
+
+- sequential: one spec per edit, each computed on the model the previous edits left; evaluated
+  after each count in --checkpoints. rome and memit, each with and without rect:K.
+- batch: memit on the first N specs in one edit, for N in --batches; the RECT variant regularizes
+  the same deltas (rect is applied after the editor, so the edit is computed once).
+
+Results go to --out (a `kedit report` runs file), rewritten after every evaluation, so a partial
+run is still a valid file.
+
+    python bench/rect_study.py [--parts batch,seq-memit,seq-rome] [--checkpoints 1,10,50,100]
+                               [--batches 10,50,100] [--sample 100] [--out bench/results/rect_study.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the kedit command does; must precede torch's import
+import torch  # noqa: E402,F401
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="batch,seq-memit,seq-rome")
+    ap.add_argument("--checkpoints", default="1,10,50,100")
+    ap.add_argument("--batches", default="10,50,100")
+    ap.add_argument("--sample", type=int, default=100, help="examples per GLUE-style set")
+    ap.add_argument("--rect", type=float, default=0.4)
+    ap.add_argument("--stats-tokens", type=int, default=300_000)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rect_study.json"))
+    args = ap.parse_args()
+
+    from lte import cases
+
+    from kedit import diff as diffmod
+    from kedit.atomic import atomic_write_text
+    from kedit.editing import compute_diff, regularize_diff, resolve_editor, resolve_regs
+    from kedit.evaluate import Evaluation, resolve_evaluators
+    from kedit.models import load
+    from kedit.stats import KeyStats
+
+    checkpoints = [int(x) for x in args.checkpoints.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    model, tok, source = load(None, quiet=True)
+    specs = cases(max(checkpoints + batches))
+    stats = KeyStats(corpus=str(DATA / "wikitext2" / "wiki.test.raw"), n_tokens=args.stats_tokens, max_len=256,
+                     quiet=True)
+    glue = f"glue:data={DATA / 'glue'},sample={args.sample}"
+    out_path = Path(args.out)
+    runs: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.is_file() else []
+
+    def save() -> None:
+        atomic_write_text(out_path, json.dumps({"runs": runs}, indent=1) + "\n")
+
+    def evaluate(edited_specs, diffs) -> dict:
+        """Unedited (cached) vs the model with ``diffs`` applied; the model is restored after."""
+        chosen = resolve_evaluators([glue, "counterfact"])
+        ev = Evaluation(chosen, edited_specs, use_cache=True)
+        ev.base(model, tok)
+        for d in diffs:
+            diffmod.apply(model, d)
+        t = time.perf_counter()
+        ev.edited(model, tok)
+        for d in reversed(diffs):
+            diffmod.revert(model, d)
+        s = ev.summary()
+        print(f"  evaluated in {time.perf_counter() - t:.0f}s: glue mean.acc {s['metrics']['glue']['mean.acc']:.3f} "
+              f"(unedited {s['base']['glue']['mean.acc']:.3f}), ES {s['metrics']['counterfact']['ES']:.2f}",
+              file=sys.stderr, flush=True)
+        return s
+
+    def record(label: str, summary: dict, extra: dict) -> None:
+        runs[:] = [r for r in runs if r["label"] != label]
+        runs.append({"label": label, **summary, **extra})
+        save()
+
+    for part in args.parts.split(","):
+        if part == "batch":
+            editor, opts = resolve_editor("memit", {})
+            rect = resolve_regs([f"rect:{args.rect}"])
+            for n in batches:
+                t = time.perf_counter()
+                plain = compute_diff(model, tok, source, specs[:n], editor, opts, stats=stats)
+                sec = time.perf_counter() - t
+                regularized = regularize_diff(model, plain, rect)
+                for label, d in [(f"memit batch {n}", plain), (f"memit+rect:{args.rect} batch {n}", regularized)]:
+                    print(f"{label}: edit {sec:.0f}s", file=sys.stderr, flush=True)
+                    record(label, evaluate(specs[:n], [d]), {"paradigm": "batch", "edits": n, "edit_seconds": sec})
+        elif part.startswith("seq-"):
+            method = part[4:]
+            editor, opts = resolve_editor(method, {})
+            for regs in ([], [f"rect:{args.rect}"]):
+                chain = resolve_regs(regs)
+                label = f"{method}{'+' + regs[0] if regs else ''} sequential"
+                curve, diffs, t_edit = [], [], 0.0
+                for i, spec in enumerate(specs[: max(checkpoints)], start=1):
+                    t = time.perf_counter()
+                    d = compute_diff(model, tok, source, [spec], editor, opts, chain, stats=stats)
+                    t_edit += time.perf_counter() - t
+                    diffmod.apply(model, d)
+                    diffs.append(d)
+                    if i in checkpoints:
+                        for x in reversed(diffs):
+                            diffmod.revert(model, x)
+                        print(f"{label}: {i} edits ({t_edit / i:.1f}s per edit)", file=sys.stderr, flush=True)
+                        s = evaluate(specs[:i], diffs)
+                        for x in diffs:
+                            diffmod.apply(model, x)
+                        curve.append({"edits": i, "metrics": s["metrics"], "delta": s["delta"], "ci": s["ci"]})
+                        record(label, s, {"paradigm": "sequential", "edits": i, "curve": curve,
+                                          "edit_seconds_per_edit": t_edit / i})
+                for x in reversed(diffs):
+                    diffmod.revert(model, x)
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The evaluation runner: evaluators on the unedited model (cached by its content hash) and on
+the edited one, and the comparison between the two with paired confidence intervals.
+
+Results are plain JSON: ``metrics`` maps evaluator -> metric -> value on the model evaluated
+(the edited one when there are edits), ``base`` the same on the unedited model, ``delta`` their
+difference and ``ci`` a 95% interval (of the difference when there is a base, else of the value).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .api import EvalContext, EvalResult
+from .atomic import atomic_path
+from .cache import cache_root, file_sha256
+from .errors import InputError, KeditError
+from .options import parse_reg, validate
+from .plugins import Registered, lookup
+from .scoring import TeacherForced
+from .spec import EditSpec, specs_sha256
+
+Z95 = 1.959963984540054
+
+
+@dataclass
+class Chosen:
+    """An evaluator bound to its validated options."""
+
+    entry: Registered
+    options: Any
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+def split_eval_list(text: str) -> list[str]:
+    """``counterfact,glue:sample=50,seed=1,fluency`` -> ``["counterfact", "glue:sample=50,seed=1",
+    "fluency"]``: a comma piece with ``=`` but no ``:`` continues the previous evaluator's options."""
+    out: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if out and "=" in piece and ":" not in piece.split("=", 1)[0] and ":" in out[-1]:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
+def resolve_evaluators(texts: Sequence[str], data: Sequence[str] = ()) -> list[Chosen]:
+    """Parse ``NAME``, ``NAME:VALUE`` (the primary option) or ``NAME:K=V,...``; ``data`` paths
+    fill the ``data`` option of each evaluator that has one and was not given one."""
+    chosen: list[Chosen] = []
+    for text in [t for raw in texts for t in split_eval_list(raw)]:
+        name, values = parse_reg(text)
+        entry = lookup("evaluators", name)
+        cls = entry.obj
+        if not isinstance(values, dict):
+            if not cls.primary:
+                raise InputError(f"evaluator {text!r}: {name!r} has no primary option; use {name}:KEY=VALUE")
+            values = {cls.primary: values}
+        if "data" in cls.Options.model_fields and "data" not in values and data:
+            values["data"] = data[0] if len(data) == 1 else _pick_data(name, data)
+        chosen.append(Chosen(entry, validate("evaluator", name, cls.Options, values)))
+    if len({c.name for c in chosen}) != len(chosen):
+        raise InputError("an evaluator is named twice; give each once (with all its options)")
+    return chosen
+
+
+def _pick_data(name: str, data: Sequence[str]) -> str:
+    """With several --data paths, a folder goes to the evaluators of data sets, a file to the others."""
+    dirs = [d for d in data if Path(d).is_dir()]
+    files = [d for d in data if not Path(d).is_dir()]
+    pick = dirs if name == "glue" else files
+    if len(pick) != 1:
+        raise InputError(f"several --data paths given; say which one {name!r} reads with {name}:data=PATH")
+    return pick[0]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes): the cache key of
+    results on this exact model."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _data_digest(options: Any) -> dict[str, str]:
+    """Content hash of every option that names an existing file or folder."""
+    out = {}
+    for key, value in options.model_dump(mode="json").items():
+        if isinstance(value, str) and value and Path(value).exists():
+            p = Path(value)
+            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f"{f.relative_to(p) if p.is_dir() else ''}|{file_sha256(f)}|".encode())
+            out[key] = h.hexdigest()
+    return out
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float] | None:
+    """Normal-approximation 95% interval of a mean; None for fewer than two values."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    n = len(vals)
+    if n < 2:
+        return None
+    mean = sum(vals) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = Z95 * sd / math.sqrt(n)
+    return (mean - half, mean + half)
+
+
+def _clean(x: Any) -> Any:
+    """JSON has no NaN: a metric that could not be measured is None."""
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    return x
+
+
+@dataclass
+class _Run:
+    result: EvalResult
+    reference: Any = None
+    seconds: float = 0.0
+    cached: bool = False
+
+
+@dataclass
+class Evaluation:
+    """Evaluators on one set of specs; call :meth:`base` on the unedited model, then (when there
+    are edits) :meth:`edited` on the edited one, then :meth:`summary`."""
+
+    chosen: list[Chosen]
+    specs: list[EditSpec]
+    seed: int = 0
+    quiet: bool = True
+    use_cache: bool = True
+    base_runs: dict[str, _Run] = field(default_factory=dict)
+    edited_runs: dict[str, _Run] = field(default_factory=dict)
+    fingerprint: str | None = None
+
+    def _context(self, scorer: TeacherForced, reference: Any = None) -> EvalContext:
+        from .editing import progress_bar
+
+        return EvalContext(seed=self.seed, progress=progress_bar(self.quiet), scorer=scorer, reference=reference)
+
+    def _key(self, c: Chosen) -> str:
+        blob = json.dumps({"model": self.fingerprint, "evaluator": c.name, "package": c.entry.package,
+                           "version": c.entry.version, "protocol": c.entry.obj.protocol,
+                           "options": c.options.model_dump(mode="json"), "data": _data_digest(c.options),
+                           "specs": specs_sha256(self.specs) if c.entry.obj.uses_specs else None, "seed": self.seed}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _call(self, c: Chosen, model, tok, scorer: TeacherForced, reference: Any, with_reference: bool) -> _Run:
+        torch.manual_seed(self.seed)
+        instance = c.entry.obj()
+        t0 = time.perf_counter()
+        if with_reference:
+            reference = instance.reference(model, tok, self.specs, c.options, self._context(scorer))
+        res = instance.evaluate(model, tok, self.specs, c.options, self._context(scorer, reference))
+        if isinstance(res, dict):
+            res = EvalResult(metrics=dict(res))
+        if not isinstance(res, EvalResult):
+            raise KeditError(f"evaluator {c.name!r} (package {c.entry.package}) returned {type(res).__name__}, "
+                             "not an EvalResult or a dict of metrics")
+        return _Run(res, reference, time.perf_counter() - t0)
+
+    def base(self, model: torch.nn.Module, tok: Any) -> None:
+        """Evaluate the unedited model (from the cache when this exact model, evaluator, options,
+        data and specs were evaluated before) and keep each evaluator's reference."""
+        self.fingerprint = model_fingerprint(model)
+        scorer = TeacherForced(model, tok)
+        for c in self.chosen:
+            path = cache_root() / "eval" / f"{self._key(c)}.pt"
+            if self.use_cache and path.is_file():
+                try:
+                    blob = torch.load(path, weights_only=False)
+                    self.base_runs[c.name] = _Run(EvalResult(**blob["result"]), blob["reference"],
+                                                  blob["seconds"], cached=True)
+                    continue
+                except Exception:  # a damaged cache entry is recomputed, never trusted
+                    path.unlink(missing_ok=True)
+            run = self._call(c, model, tok, scorer, None, with_reference=True)
+            self.base_runs[c.name] = run
+            if self.use_cache:
+                r = run.result
+                with atomic_path(path) as tmp:
+                    torch.save({"result": {"metrics": r.metrics, "samples": r.samples, "info": r.info},
+                                "reference": run.reference, "seconds": run.seconds}, tmp)
+
+    def edited(self, model: torch.nn.Module, tok: Any) -> None:
+        if not self.base_runs:
+            raise KeditError("Evaluation.edited called before Evaluation.base")
+        scorer = TeacherForced(model, tok)
+        for c in self.chosen:
+            self.edited_runs[c.name] = self._call(c, model, tok, scorer, self.base_runs[c.name].reference,
+                                                  with_reference=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON block described in the module docstring."""
+        have_edit = bool(self.edited_runs)
+        out: dict[str, Any] = {"metrics": {}, "protocols": {}, "ci": {}, "info": {}, "seconds": {}}
+        if have_edit:
+            out["base"], out["delta"] = {}, {}
+        for c in self.chosen:
+            b = self.base_runs[c.name]
+            e = self.edited_runs.get(c.name)
+            shown = e or b
+            out["protocols"][c.name] = c.entry.obj.protocol
+            out["metrics"][c.name] = {k: _clean(v) for k, v in shown.result.metrics.items()}
+            out["info"][c.name] = shown.result.info
+            out["seconds"][c.name] = {"base": round(b.seconds, 3), "base_cached": b.cached,
+                                      **({"edited": round(e.seconds, 3)} if e else {})}
+            ci: dict[str, Any] = {}
+            if e:
+                out["base"][c.name] = {k: _clean(v) for k, v in b.result.metrics.items()}
+                out["delta"][c.name] = {k: _clean(e.result.metrics[k] - v) for k, v in b.result.metrics.items()
+                                        if k in e.result.metrics and v is not None and e.result.metrics[k] is not None}
+                for k, after in e.result.samples.items():
+                    before = b.result.samples.get(k)
+                    if before is not None and len(before) == len(after):
+                        ci[k] = mean_ci([x - y for x, y in zip(after, before)])
+            else:
+                for k, vals in b.result.samples.items():
+                    ci[k] = mean_ci(vals)
+            out["ci"][c.name] = {k: list(v) for k, v in ci.items() if v is not None}
+        return out
+
+
+def evaluate_chain(chosen: list[Chosen], specs: list[EditSpec], model: torch.nn.Module, tok: Any,
+                   diffs: Sequence[Any] = (), seed: int = 0, quiet: bool = True,
+                   use_cache: bool = True) -> dict[str, Any]:
+    """Evaluate ``model`` as given (the base) and, if ``diffs`` are given, with them applied."""
+    from . import diff as diffmod
+
+    ev = Evaluation(chosen, specs, seed=seed, quiet=quiet, use_cache=use_cache)
+    ev.base(model, tok)
+    for d in diffs:
+        diffmod.apply(model, d)
+    if diffs:
+        ev.edited(model, tok)
+    return {**ev.summary(), "fingerprint": ev.fingerprint}
+
+
+def specs_from_diffs(diffs: Sequence[Any]) -> list[EditSpec]:
+    """The specs a chain of diffs records, in order (for ``kedit eval --diff`` without ``--specs``)."""
+    out: list[EditSpec] = []
+    for d in diffs:
+        for rec in (d.manifest.get("specs") or {}).get("records") or []:
+            out.append(EditSpec.model_validate(rec))
+    return out
+

@@ -1,0 +1,258 @@
+"""``kedit report``: tables and PNG plots from result JSON files.
+
+A results file holds one run (the output of ``kedit eval --json`` or ``kedit apply --json
+--eval``), a list of runs, or ``{"runs": [...]}``. A run has ``metrics`` and optionally
+``label``, ``base``, ``delta``, ``ci``, ``info``, ``protocols`` and ``curve``, a list of
+``{"edits": N, "metrics": {...}}`` points for sequential editing.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .atomic import atomic_path, atomic_write_text
+from .errors import InputError
+
+SPEC_METRICS = {"counterfact": ["ES", "PS", "NS"], "token-acc": ["reliability", "generalization", "locality",
+                                                                  "portability"]}
+
+
+def load_runs(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    for path in paths:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{p}: cannot read results JSON ({exc})") from None
+        items = data["runs"] if isinstance(data, dict) and "runs" in data else data if isinstance(data, list) else [data]
+        for i, run in enumerate(items):
+            if not isinstance(run, dict) or not isinstance(run.get("metrics"), dict):
+                raise InputError(f"{p}: run {i + 1} has no \"metrics\" object (is this a kedit results file?)")
+            run = dict(run)
+            run.setdefault("label", p.stem if len(items) == 1 else f"{p.stem}[{i}]")
+            runs.append(run)
+    if not runs:
+        raise InputError("no runs in the given results files")
+    return runs
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.3f}" if abs(x) < 1000 else f"{x:.4g}"
+    return str(x)
+
+
+def _cell(run: dict[str, Any], ev: str, m: str) -> str:
+    v = run["metrics"].get(ev, {}).get(m)
+    d = (run.get("delta") or {}).get(ev, {}).get(m)
+    ci = (run.get("ci") or {}).get(ev, {}).get(m)
+    text = _fmt(v)
+    if d is not None:
+        text += f" ({d:+.3f}" + (f", CI {ci[0]:+.3f}…{ci[1]:+.3f}" if ci else "") + ")"
+    return text
+
+
+def tables(runs: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(evaluator, header, rows) per evaluator; the unedited model is a row when runs carry a base."""
+    out = []
+    evaluators = list(dict.fromkeys(ev for r in runs for ev in r["metrics"]))
+    for ev in evaluators:
+        metrics = list(dict.fromkeys(m for r in runs for m in r["metrics"].get(ev, {})))
+        rows = []
+        base = next((r["base"][ev] for r in runs if (r.get("base") or {}).get(ev)), None)
+        if base:
+            rows.append(["unedited"] + [_fmt(base.get(m)) for m in metrics])
+        for r in runs:
+            if ev in r["metrics"]:
+                rows.append([r["label"]] + [_cell(r, ev, m) for m in metrics])
+        out.append((ev, ["run"] + metrics, rows))
+    return out
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def plot_edit_metrics(runs: list[dict[str, Any]], path: Path) -> bool:
+    """Grouped bars: the spec-based fractions (ES/PS/NS, token accuracies), one bar per run."""
+    keys = [(ev, m) for ev, ms in SPEC_METRICS.items() for m in ms
+            if any(r["metrics"].get(ev, {}).get(m) is not None for r in runs)]
+    if not keys:
+        return False
+    series = []
+    base = next((r["base"] for r in runs if r.get("base")), None)
+    if base:
+        series.append(("unedited", [base.get(ev, {}).get(m) for ev, m in keys]))
+    series += [(r["label"], [r["metrics"].get(ev, {}).get(m) for ev, m in keys]) for r in runs]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys) * max(1, len(series)) / 2.5), 4))
+    width = 0.8 / len(series)
+    for i, (label, vals) in enumerate(series):
+        xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(keys))]
+        ax.bar(xs, [v if v is not None else 0 for v in vals], width, label=label)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{m}\n({ev})" for ev, m in keys], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction")
+    ax.set_title("Edit metrics per run")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_drift(runs: list[dict[str, Any]], path: Path) -> bool:
+    """General-ability drift: accuracy per task with its chance level, and the change against the
+    unedited model with 95% intervals."""
+    with_glue = [r for r in runs if "glue" in r["metrics"]]
+    if not with_glue:
+        return False
+    tasks = list(dict.fromkeys(k[:-4] for r in with_glue for k in r["metrics"]["glue"] if k.endswith(".acc")
+                               and k != "mean.acc"))
+    info = next((r.get("info", {}).get("glue") for r in with_glue if r.get("info", {}).get("glue")), {}) or {}
+    has_delta = any((r.get("delta") or {}).get("glue") for r in with_glue)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2 if has_delta else 1, figsize=(13 if has_delta else 7, 4.2), squeeze=False)
+    ax = axes[0][0]
+    series = []
+    base = next((r["base"]["glue"] for r in with_glue if (r.get("base") or {}).get("glue")), None)
+    if base:
+        series.append(("unedited", base, None))
+    series += [(r["label"], r["metrics"]["glue"], r) for r in with_glue]
+    width = 0.8 / len(series)
+    for i, (label, metrics, _) in enumerate(series):
+        xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(tasks))]
+        ax.bar(xs, [metrics.get(f"{t}.acc") or 0 for t in tasks], width, label=label)
+    for k, t in enumerate(tasks):
+        chance = (info.get(t) or {}).get("chance")
+        if chance is not None:
+            ax.hlines(chance, k - 0.45, k + 0.45, colors="black", linestyles="dashed", linewidth=1,
+                      label="chance" if k == 0 else None)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=30, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Zero-shot accuracy (dashed: chance)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    if has_delta:
+        ax = axes[0][1]
+        edited = [s for s in series if s[2] is not None and (s[2].get("delta") or {}).get("glue")]
+        width = 0.8 / len(edited)
+        for i, (label, _, r) in enumerate(edited):
+            xs = [k + (i - (len(edited) - 1) / 2) * width for k in range(len(tasks))]
+            d = [r["delta"]["glue"].get(f"{t}.acc") or 0 for t in tasks]
+            ci = [r.get("ci", {}).get("glue", {}).get(f"{t}.acc") for t in tasks]
+            err = [[max(0, v - c[0]) if c else 0 for v, c in zip(d, ci)], [max(0, c[1] - v) if c else 0 for v, c in zip(d, ci)]]
+            ax.bar(xs, d, width, yerr=err, capsize=2, label=label)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(tasks)))
+        ax.set_xticklabels(tasks, rotation=30, fontsize=8)
+        ax.set_ylabel("accuracy change vs unedited")
+        ax.set_title("Drift with 95% CI (paired)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def curve_metrics(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    keys = []
+    for r in runs:
+        for point in r.get("curve") or []:
+            for ev, ms in point["metrics"].items():
+                for m in ms:
+                    if (ev, m) not in keys:
+                        keys.append((ev, m))
+    preferred = [k for k in keys if k[1] in ("ES", "PS", "NS", "mean.acc", "ppl") or k[0] == "drift"]
+    return preferred or keys[:6]
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> bool:
+    """Sequential runs: each metric against the number of edits, one line per run."""
+    curved = [r for r in runs if r.get("curve")]
+    keys = curve_metrics(curved)
+    if not curved or not keys:
+        return False
+    plt = _plt()
+    cols = min(3, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for n, (ev, m) in enumerate(keys):
+        ax = axes[n // cols][n % cols]
+        for r in curved:
+            pts = [(p["edits"], p["metrics"].get(ev, {}).get(m)) for p in r["curve"]]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=r["label"])
+        ax.set_title(f"{ev}: {m}", fontsize=9)
+        ax.set_xlabel("edits")
+        if any(p[0] > 0 for r in curved for p in [(q["edits"],) for q in r["curve"]]):
+            ax.set_xscale("symlog", linthresh=1)
+        ax.grid(alpha=0.3)
+    for n in range(len(keys), rows * cols):
+        axes[n // cols][n % cols].axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
+                 title: str = "kedit evaluation report") -> list[Path]:
+    """Write ``index.md``, ``index.html`` and the PNGs into ``out``; returns the files written."""
+    runs = load_runs(paths)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for name, fn, caption in [("edit_metrics.png", plot_edit_metrics, "Edit metrics per run"),
+                              ("drift.png", plot_drift, "General-ability drift"),
+                              ("curves.png", plot_curves, "Metrics against the number of edits")]:
+        if fn(runs, folder / name):
+            figures.append((name, caption))
+    protocols = {ev: p for r in runs for ev, p in (r.get("protocols") or {}).items()}
+    md = [f"# {title}", "", f"{len(runs)} run(s): " + ", ".join(f"`{r['label']}`" for r in runs), ""]
+    htm = [f"<h1>{html.escape(title)}</h1>"]
+    for name, caption in figures:
+        md += [f"![{caption}]({name})", ""]
+        htm.append(f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}"
+                   "</figcaption></figure>")
+    for ev, header, rows in tables(runs):
+        md += [f"## {ev}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(row) + " |" for row in rows]
+        if ev in protocols:
+            md += ["", f"Protocol: {protocols[ev]}"]
+        md.append("")
+        htm.append(f"<h2>{html.escape(ev)}</h2><table border=1 cellpadding=4><tr>"
+                   + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+                   + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+                   + "</table>" + (f"<p><small>Protocol: {html.escape(protocols[ev])}</small></p>" if ev in protocols else ""))
+    chance = next((r["info"]["glue"] for r in runs if (r.get("info") or {}).get("glue")), None)
+    if chance:
+        md += ["## Chance levels of the GLUE-style sets", "", "| set | n | chance | majority class |", "|---|---|---|---|"]
+        md += [f"| {t} | {i.get('n')} | {_fmt(i.get('chance'))} | {_fmt(i.get('majority'))} |" for t, i in chance.items()]
+        md.append("")
+    written = [folder / n for n, _ in figures]
+    atomic_write_text(folder / "index.md", "\n".join(md) + "\n")
+    atomic_write_text(folder / "index.html", "<!doctype html><meta charset='utf-8'><title>" + html.escape(title)
+                      + "</title><body style='font-family:sans-serif;max-width:1100px'>" + "\n".join(htm) + "</body>")
+    return [folder / "index.md", folder / "index.html", *written]
