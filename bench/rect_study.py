@@ -65,6 +65,17 @@ def main() -> None:
     runs: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.is_file() else []
 
     def save() -> None:
+        """Write the runs, plus per method the batch sizes as one curve (x = edits in the batch)."""
+        single = [r for r in runs if not r.get("aggregate")]
+        methods = dict.fromkeys(r.get("method", r["label"].rsplit(" batch ", 1)[0]) for r in single
+                                if r.get("paradigm") == "batch")
+        agg = []
+        for m in methods:
+            pts = sorted((r for r in single if r.get("paradigm") == "batch"
+                          and r.get("method", r["label"].rsplit(" batch ", 1)[0]) == m), key=lambda r: r["edits"])
+            curve = [{"edits": r["edits"], "metrics": r["metrics"], "delta": r["delta"], "ci": r["ci"]} for r in pts]
+            agg.append({**pts[-1], "label": f"{m} (one batch of N)", "curve": curve, "aggregate": True})
+        runs[:] = single + agg
         atomic_write_text(out_path, json.dumps({"runs": runs}, indent=1) + "\n")
 
     def evaluate(edited_specs, diffs) -> dict:
@@ -89,7 +100,7 @@ def main() -> None:
         runs.append({"label": label, **summary, **extra})
         save()
 
-    for part in args.parts.split(","):
+    for part in [p for p in args.parts.split(",") if p]:
         if part == "batch":
             editor, opts = resolve_editor("memit", {})
             rect = resolve_regs([f"rect:{args.rect}"])
@@ -98,9 +109,11 @@ def main() -> None:
                 plain = compute_diff(model, tok, source, specs[:n], editor, opts, stats=stats)
                 sec = time.perf_counter() - t
                 regularized = regularize_diff(model, plain, rect)
-                for label, d in [(f"memit batch {n}", plain), (f"memit+rect:{args.rect} batch {n}", regularized)]:
+                for name, d in [("memit", plain), (f"memit+rect:{args.rect}", regularized)]:
+                    label = f"{name} batch {n}"
                     print(f"{label}: edit {sec:.0f}s", file=sys.stderr, flush=True)
-                    record(label, evaluate(specs[:n], [d]), {"paradigm": "batch", "edits": n, "edit_seconds": sec})
+                    record(label, evaluate(specs[:n], [d]), {"paradigm": "batch", "method": name, "edits": n,
+                                                             "edit_seconds": sec})
         elif part.startswith("seq-"):
             method = part[4:]
             editor, opts = resolve_editor(method, {})
@@ -128,6 +141,7 @@ def main() -> None:
                     diffmod.revert(model, x)
         else:
             raise SystemExit(f"unknown part {part!r}")
+    save()
     print(f"wrote {out_path}")
 
 

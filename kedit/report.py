@@ -129,7 +129,7 @@ def plot_drift(runs: list[dict[str, Any]], path: Path) -> bool:
     info = next((r.get("info", {}).get("glue") for r in with_glue if r.get("info", {}).get("glue")), {}) or {}
     has_delta = any((r.get("delta") or {}).get("glue") for r in with_glue)
     plt = _plt()
-    fig, axes = plt.subplots(1, 2 if has_delta else 1, figsize=(13 if has_delta else 7, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_delta else 1, figsize=(14 if has_delta else 8, 4.2), squeeze=False)
     ax = axes[0][0]
     series = []
     base = next((r["base"]["glue"] for r in with_glue if (r.get("base") or {}).get("glue")), None)
@@ -137,9 +137,10 @@ def plot_drift(runs: list[dict[str, Any]], path: Path) -> bool:
         series.append(("unedited", base, None))
     series += [(r["label"], r["metrics"]["glue"], r) for r in with_glue]
     width = 0.8 / len(series)
+    color = {label: f"C{i % 10}" for i, (label, _, _) in enumerate(series)}
     for i, (label, metrics, _) in enumerate(series):
         xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(tasks))]
-        ax.bar(xs, [metrics.get(f"{t}.acc") or 0 for t in tasks], width, label=label)
+        ax.bar(xs, [metrics.get(f"{t}.acc") or 0 for t in tasks], width, label=label, color=color[label])
     for k, t in enumerate(tasks):
         chance = (info.get(t) or {}).get("chance")
         if chance is not None:
@@ -151,7 +152,8 @@ def plot_drift(runs: list[dict[str, Any]], path: Path) -> bool:
     ax.set_ylabel("accuracy")
     ax.set_title("Zero-shot accuracy (dashed: chance)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    if not has_delta:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if has_delta:
         ax = axes[0][1]
         edited = [s for s in series if s[2] is not None and (s[2].get("delta") or {}).get("glue")]
@@ -161,14 +163,16 @@ def plot_drift(runs: list[dict[str, Any]], path: Path) -> bool:
             d = [r["delta"]["glue"].get(f"{t}.acc") or 0 for t in tasks]
             ci = [r.get("ci", {}).get("glue", {}).get(f"{t}.acc") for t in tasks]
             err = [[max(0, v - c[0]) if c else 0 for v, c in zip(d, ci)], [max(0, c[1] - v) if c else 0 for v, c in zip(d, ci)]]
-            ax.bar(xs, d, width, yerr=err, capsize=2, label=label)
+            ax.bar(xs, d, width, yerr=err, capsize=2, label=label, color=color[label],
+                   error_kw={"elinewidth": 0.8, "ecolor": "0.3", "alpha": 0.8})
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(tasks)))
         ax.set_xticklabels(tasks, rotation=30, fontsize=8)
         ax.set_ylabel("accuracy change vs unedited")
-        ax.set_title("Drift with 95% CI (paired)")
+        ax.set_title("Change vs unedited, paired 95% CI")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _save(fig, path)
     plt.close(fig)
     return True
@@ -205,8 +209,15 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> bool:
                 ax.plot(*zip(*pts), marker="o", markersize=3, label=r["label"])
         ax.set_title(f"{ev}: {m}", fontsize=9)
         ax.set_xlabel("edits")
-        if any(p[0] > 0 for r in curved for p in [(q["edits"],) for q in r["curve"]]):
-            ax.set_xscale("symlog", linthresh=1)
+        xs = sorted({p["edits"] for r in curved for p in r["curve"]})
+        if xs and xs[0] > 0 and xs[-1] / xs[0] >= 20:
+            ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs], fontsize=8)
+        ax.minorticks_off()
+        base = next((r["base"].get(ev, {}).get(m) for r in curved if r.get("base")), None)
+        if base is not None:
+            ax.axhline(base, color="black", linestyle="dashed", linewidth=0.8, label="unedited" if n == 0 else None)
         ax.grid(alpha=0.3)
     for n in range(len(keys), rows * cols):
         axes[n // cols][n % cols].axis("off")

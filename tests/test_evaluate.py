@@ -257,3 +257,33 @@ def test_mean_ci_and_split():
     assert mean_ci([1.0]) is None
     assert split_eval_list("counterfact,glue:sample=50,seed=1,fluency") == ["counterfact", "glue:sample=50,seed=1", "fluency"]
     assert macro_f1([0, 1, 1], [0, 1, 0], 2) == pytest.approx((2 / 3 + 2 / 3) / 2)
+
+
+def test_third_party_evaluator_goes_through_the_same_runner(tok):
+    """An evaluator registered like any plugin gets the shared scorer, pairing and intervals."""
+    import types
+
+    from kedit import hookimpl
+    from kedit.api import EvalResult, Evaluator
+    from kedit.plugins import register_plugin, unregister_plugin
+
+    class RomeFirst(Evaluator):
+        name = "rome-first"
+        protocol = "rome-first-v1"
+
+        def evaluate(self, model, tokenizer, specs, options, context):
+            lp = context.scorer.next_token_logprobs([s.text for s in specs])
+            hits = [float(row.argmax() == one(tokenizer, "Rome")) for row in lp]
+            return EvalResult({"share": sum(hits) / len(hits)}, samples={"share": hits})
+
+    module = types.ModuleType("rome_first_plugin")
+    module.register_evaluators = hookimpl(lambda register: register(RomeFirst))
+    register_plugin(module, "rome-first-plugin", package="kedit-rome-first")
+    try:
+        out = run(tok, ["rome-first"], make_model(tok, 1.0), [SPEC, spec_with({"target_new": "Italy"})],
+                  make_model(tok, 3.0))
+    finally:
+        unregister_plugin("rome-first-plugin")
+    assert out["base"]["rome-first"]["share"] == 0 and out["metrics"]["rome-first"]["share"] == 1
+    assert out["ci"]["rome-first"]["share"] == [1.0, 1.0]  # both items moved by exactly one
+    assert out["protocols"]["rome-first"] == "rome-first-v1"
