@@ -117,6 +117,7 @@ class Evaluator(ABC):
     Options: ClassVar[type[Options]] = Options
     primary: ClassVar[str | None] = None
     uses_specs: ClassVar[bool] = True  # False for data-set evaluators (perplexity, glue)
+    data_kind: ClassVar[str] = "file"  # which of several --data paths fills a ``data`` option: "file" or "folder"
 
     def reference(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
                   context: EvalContext) -> Any:

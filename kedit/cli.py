@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluator to run (repeatable; default with specs: counterfact,token-acc)")
     p.add_argument("--data", action="append", default=[], metavar="PATH",
                    help="data for evaluators that read a file or folder (perplexity: text; glue: folder of sets); "
-                   "with several, a folder goes to glue and a file to the others")
+                   "with several, each evaluator takes the one of its kind (glue: a folder; perplexity: a file)")
     p.add_argument("--specs", help="edit specs to evaluate on (default: the specs the diffs record)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sample drawn (recorded)")
     p.add_argument("--label", help="name of this run in reports (default: the diffs' editors)")

@@ -68,18 +68,18 @@ def resolve_evaluators(texts: Sequence[str], data: Sequence[str] = ()) -> list[C
                 raise InputError(f"evaluator {text!r}: {name!r} has no primary option; use {name}:KEY=VALUE")
             values = {cls.primary: values}
         if "data" in cls.Options.model_fields and "data" not in values and data:
-            values["data"] = data[0] if len(data) == 1 else _pick_data(name, data)
+            values["data"] = data[0] if len(data) == 1 else _pick_data(cls, name, data)
         chosen.append(Chosen(entry, validate("evaluator", name, cls.Options, values)))
     if len({c.name for c in chosen}) != len(chosen):
         raise InputError("an evaluator is named twice; give each once (with all its options)")
     return chosen
 
 
-def _pick_data(name: str, data: Sequence[str]) -> str:
-    """With several --data paths, a folder goes to the evaluators of data sets, a file to the others."""
-    dirs = [d for d in data if Path(d).is_dir()]
-    files = [d for d in data if not Path(d).is_dir()]
-    pick = dirs if name == "glue" else files
+def _pick_data(cls: type, name: str, data: Sequence[str]) -> str:
+    """With several --data paths, each evaluator takes the one path of its ``data_kind``
+    (``"file"`` or ``"folder"``)."""
+    kind = getattr(cls, "data_kind", "file")
+    pick = [d for d in data if Path(d).is_dir() == (kind == "folder")]
     if len(pick) != 1:
         raise InputError(f"several --data paths given; say which one {name!r} reads with {name}:data=PATH")
     return pick[0]
@@ -185,7 +185,7 @@ class Evaluation:
             path = cache_root() / "eval" / f"{self._key(c)}.pt"
             if self.use_cache and path.is_file():
                 try:
-                    blob = torch.load(path, weights_only=False)
+                    blob = torch.load(path, weights_only=True)  # plain containers and tensors only
                     self.base_runs[c.name] = _Run(EvalResult(**blob["result"]), blob["reference"],
                                                   blob["seconds"], cached=True)
                     continue

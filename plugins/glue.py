@@ -146,6 +146,7 @@ class Glue(Evaluator):
     Options = GlueOptions
     primary = "data"
     uses_specs = False
+    data_kind = "folder"
 
     def evaluate(self, model, tokenizer, specs, options, context) -> EvalResult:
         from kedit.scoring import TeacherForced

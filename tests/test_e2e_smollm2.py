@@ -103,3 +103,20 @@ def test_memit_edits_the_facts_with_a_corpus_given_by_path(tmp_path):
     assert manifest["editor"]["options"]["layers"] == [4, 5, 6, 7, 8]
     assert manifest["stats"]["n_tokens"] == 20000 and manifest["stats"]["corpus_sha256"]
     assert {e["encoding"] for e in manifest["entries"].values()} == {"lowrank"}
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "glue").is_dir(), reason="shared GLUE-style data not present")
+def test_eval_compares_the_edited_model_with_the_unedited_one(applied, tmp_path):
+    work, result = applied
+    glue = ROOT.parent / "shared" / "data" / "glue"
+    proc = kedit("eval", "--diff", result["diff"], "--evaluator", "counterfact,token-acc",
+                 "--evaluator", 'glue:sample=40,tasks=["sst2"]', "--data", glue, "--json", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    cf, base = out["metrics"]["counterfact"], out["base"]["counterfact"]
+    assert cf["ES"] >= 0.8 and base["ES"] == 0  # the specs' true targets win before the edit
+    assert out["metrics"]["token-acc"]["reliability"] > out["base"]["token-acc"]["reliability"]
+    # SST-2 carries signal on this model: well above the 0.5 chance level before the edit.
+    assert out["base"]["glue"]["sst2.acc"] >= 0.65 and out["info"]["glue"]["sst2"]["chance"] == 0.5
+    lo, hi = out["ci"]["glue"]["sst2.acc"]
+    assert lo <= out["delta"]["glue"]["sst2.acc"] <= hi

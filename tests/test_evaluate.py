@@ -287,3 +287,15 @@ def test_third_party_evaluator_goes_through_the_same_runner(tok):
     assert out["base"]["rome-first"]["share"] == 0 and out["metrics"]["rome-first"]["share"] == 1
     assert out["ci"]["rome-first"]["share"] == [1.0, 1.0]  # both items moved by exactly one
     assert out["protocols"]["rome-first"] == "rome-first-v1"
+
+
+def test_several_data_paths_go_by_kind(tmp_path):
+    from kedit.errors import InputError
+
+    folder, text = tmp_path / "sets", tmp_path / "text.txt"
+    folder.mkdir()
+    text.write_text("some text")
+    chosen = {c.name: c.options.data for c in resolve_evaluators(["glue,perplexity"], [str(text), str(folder)])}
+    assert chosen == {"glue": str(folder), "perplexity": str(text)}
+    with pytest.raises(InputError, match="perplexity:data=PATH"):
+        resolve_evaluators(["perplexity"], [str(text), str(text)])
