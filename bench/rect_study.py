@@ -142,7 +142,27 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown part {part!r}")
     save()
-    print(f"wrote {out_path}")
+    print_tables(runs)
+    print(f"\nwrote {out_path}; plots: kedit report {out_path} -o DIR")
+
+
+def print_tables(runs: list[dict]) -> None:
+    """Edit success and general-ability change per run (sequential runs: one row per checkpoint)."""
+    rows = []
+    for r in runs:
+        if r.get("aggregate"):
+            continue
+        points = r.get("curve") or [{"edits": r["edits"], "metrics": r["metrics"], "delta": r["delta"], "ci": r["ci"]}]
+        for p in points:
+            rows.append((r["label"].replace(" sequential", "").rsplit(" batch ", 1)[0], r["paradigm"], p))
+    tasks = [k[:-4] for k in rows[0][2]["metrics"]["glue"] if k.endswith(".acc") and k != "mean.acc"] if rows else []
+    print("| method | paradigm | edits | ES | PS | NS | Δ mean acc (95% CI) | " + " | ".join(f"Δ {t}" for t in tasks) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(tasks))
+    for method, paradigm, p in sorted(rows, key=lambda x: (x[1], x[0], x[2]["edits"])):
+        cf, d, ci = p["metrics"]["counterfact"], p["delta"]["glue"], p["ci"]["glue"]
+        mean = f"{d['mean.acc']:+.3f}" + (f" ({ci['mean.acc'][0]:+.3f}…{ci['mean.acc'][1]:+.3f})" if "mean.acc" in ci else "")
+        per = " | ".join(f"{d[t + '.acc']:+.2f}" for t in tasks)
+        print(f"| {method} | {paradigm} | {p['edits']} | {cf['ES']:.2f} | {cf['PS']:.2f} | {cf['NS']:.2f} | {mean} | {per} |")
 
 
 if __name__ == "__main__":
