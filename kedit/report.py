@@ -3,7 +3,8 @@
 A results file holds one run (the output of ``kedit eval --json`` or ``kedit apply --json
 --eval``), a list of runs, or ``{"runs": [...]}``. A run has ``metrics`` and optionally
 ``label``, ``base``, ``delta``, ``ci``, ``info``, ``protocols`` and ``curve``, a list of
-``{"edits": N, "metrics": {...}}`` points for sequential editing.
+``{"edits": N, "metrics": {...}}`` points for sequential editing; a run with ``"aggregate": true``
+(a curve assembled from other runs) is drawn in the curves only.
 """
 from __future__ import annotations
 
@@ -54,24 +55,44 @@ def _cell(run: dict[str, Any], ev: str, m: str) -> str:
     ci = (run.get("ci") or {}).get(ev, {}).get(m)
     text = _fmt(v)
     if d is not None:
-        text += f" ({d:+.3f}" + (f", CI {ci[0]:+.3f}…{ci[1]:+.3f}" if ci else "") + ")"
+        text += f" ({d:+.3f}" + (f" ± {(ci[1] - ci[0]) / 2:.3f}" if ci else "") + ")"
     return text
 
 
+def common_base(runs: list[dict[str, Any]], ev: str) -> dict[str, Any] | None:
+    """The unedited model's values, when every run that has them agrees (same specs, same data);
+    None when they differ, so no single 'unedited' row misrepresents the others."""
+    bases = [r["base"][ev] for r in runs if (r.get("base") or {}).get(ev)]
+    if not bases or any(b != bases[0] for b in bases[1:]):
+        return None
+    return bases[0]
+
+
+def _groups(metrics: list[str]) -> list[tuple[str, list[str]]]:
+    """``sst2.acc``, ``sst2.f1``, ... -> one table per suffix, columns named by prefix."""
+    if metrics and all("." in m for m in metrics):
+        suffixes = list(dict.fromkeys(m.rsplit(".", 1)[1] for m in metrics))
+        return [(sfx, [m for m in metrics if m.endswith("." + sfx)]) for sfx in suffixes]
+    return [("", metrics)]
+
+
 def tables(runs: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(evaluator, header, rows) per evaluator; the unedited model is a row when runs carry a base."""
+    """(title, header, rows) per evaluator (and per metric kind for dotted names such as
+    ``sst2.acc``). Cells are ``value (change ± half-width of its 95% CI)``."""
     out = []
     evaluators = list(dict.fromkeys(ev for r in runs for ev in r["metrics"]))
     for ev in evaluators:
         metrics = list(dict.fromkeys(m for r in runs for m in r["metrics"].get(ev, {})))
-        rows = []
-        base = next((r["base"][ev] for r in runs if (r.get("base") or {}).get(ev)), None)
-        if base:
-            rows.append(["unedited"] + [_fmt(base.get(m)) for m in metrics])
-        for r in runs:
-            if ev in r["metrics"]:
-                rows.append([r["label"]] + [_cell(r, ev, m) for m in metrics])
-        out.append((ev, ["run"] + metrics, rows))
+        base = common_base(runs, ev)
+        for suffix, cols in _groups(metrics):
+            rows = []
+            if base:
+                rows.append(["unedited"] + [_fmt(base.get(m)) for m in cols])
+            for r in runs:
+                if ev in r["metrics"]:
+                    rows.append([r["label"]] + [_cell(r, ev, m) for m in cols])
+            header = ["run"] + [m.rsplit(".", 1)[0] if suffix else m for m in cols]
+            out.append((f"{ev} ({suffix})" if suffix else ev, header, rows))
     return out
 
 
@@ -96,9 +117,9 @@ def plot_edit_metrics(runs: list[dict[str, Any]], path: Path) -> bool:
     if not keys:
         return False
     series = []
-    base = next((r["base"] for r in runs if r.get("base")), None)
-    if base:
-        series.append(("unedited", [base.get(ev, {}).get(m) for ev, m in keys]))
+    bases = {ev: common_base(runs, ev) for ev in SPEC_METRICS}
+    if all(bases[ev] for ev, _ in keys):
+        series.append(("unedited", [bases[ev].get(m) for ev, m in keys]))
     series += [(r["label"], [r["metrics"].get(ev, {}).get(m) for ev, m in keys]) for r in runs]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys) * max(1, len(series)) / 2.5), 4))
@@ -132,7 +153,7 @@ def plot_drift(runs: list[dict[str, Any]], path: Path) -> bool:
     fig, axes = plt.subplots(1, 2 if has_delta else 1, figsize=(14 if has_delta else 8, 4.2), squeeze=False)
     ax = axes[0][0]
     series = []
-    base = next((r["base"]["glue"] for r in with_glue if (r.get("base") or {}).get("glue")), None)
+    base = common_base(with_glue, "glue")
     if base:
         series.append(("unedited", base, None))
     series += [(r["label"], r["metrics"]["glue"], r) for r in with_glue]
@@ -215,7 +236,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> bool:
         ax.set_xticks(xs)
         ax.set_xticklabels([str(x) for x in xs], fontsize=8)
         ax.minorticks_off()
-        base = next((r["base"].get(ev, {}).get(m) for r in curved if r.get("base")), None)
+        base = (common_base(curved, ev) or {}).get(m)
         if base is not None:
             ax.axhline(base, color="black", linestyle="dashed", linewidth=0.8, label="unedited" if n == 0 else None)
         ax.grid(alpha=0.3)
@@ -235,25 +256,30 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     figures = []
-    for name, fn, caption in [("edit_metrics.png", plot_edit_metrics, "Edit metrics per run"),
-                              ("drift.png", plot_drift, "General-ability drift"),
-                              ("curves.png", plot_curves, "Metrics against the number of edits")]:
-        if fn(runs, folder / name):
+    # Runs marked "aggregate" (a curve assembled from other runs) only feed the curves.
+    plain = [r for r in runs if not r.get("aggregate")] or runs
+    for name, fn, subset, caption in [("edit_metrics.png", plot_edit_metrics, plain, "Edit metrics per run"),
+                                      ("drift.png", plot_drift, plain, "General-ability drift"),
+                                      ("curves.png", plot_curves, runs, "Metrics against the number of edits")]:
+        if fn(subset, folder / name):
             figures.append((name, caption))
     protocols = {ev: p for r in runs for ev, p in (r.get("protocols") or {}).items()}
-    md = [f"# {title}", "", f"{len(runs)} run(s): " + ", ".join(f"`{r['label']}`" for r in runs), ""]
+    md = [f"# {title}", "", f"{len(runs)} run(s): " + ", ".join(f"`{r['label']}`" for r in runs), "",
+          "Cells: value (change against the unedited model ± half-width of its paired 95% interval). An "
+          "'unedited' row appears where all runs share one unedited baseline.", ""]
     htm = [f"<h1>{html.escape(title)}</h1>"]
     for name, caption in figures:
         md += [f"![{caption}]({name})", ""]
         htm.append(f"<figure><img src='{name}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}"
                    "</figcaption></figure>")
-    for ev, header, rows in tables(runs):
-        md += [f"## {ev}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for title_, header, rows in tables(plain):
+        ev = title_.split(" ", 1)[0]
+        md += [f"## {title_}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(row) + " |" for row in rows]
         if ev in protocols:
             md += ["", f"Protocol: {protocols[ev]}"]
         md.append("")
-        htm.append(f"<h2>{html.escape(ev)}</h2><table border=1 cellpadding=4><tr>"
+        htm.append(f"<h2>{html.escape(title_)}</h2><table border=1 cellpadding=4><tr>"
                    + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
                    + "</table>" + (f"<p><small>Protocol: {html.escape(protocols[ev])}</small></p>" if ev in protocols else ""))
