@@ -158,7 +158,8 @@ def plot_drift(runs: list[dict[str, Any]], path: Path) -> bool:
         series.append(("unedited", base, None))
     series += [(r["label"], r["metrics"]["glue"], r) for r in with_glue]
     width = 0.8 / len(series)
-    color = {label: f"C{i % 10}" for i, (label, _, _) in enumerate(series)}
+    palette = [f"C{i}" for i in range(10)] if len(series) <= 10 else [plt.cm.tab20(i % 20) for i in range(len(series))]
+    color = {label: palette[i] for i, (label, _, _) in enumerate(series)}
     for i, (label, metrics, _) in enumerate(series):
         xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(tasks))]
         ax.bar(xs, [metrics.get(f"{t}.acc") or 0 for t in tasks], width, label=label, color=color[label])
