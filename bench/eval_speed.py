@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the kedit command does; must precede torch's import
-import torch  # noqa: E402
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT / "bench"))
+# bench/ is on sys.path when a bench runs as a script; lte sets THP before it imports torch.
+from lte import DATA, cases
 
 
 def main() -> None:
@@ -30,7 +27,6 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=100)
     ap.add_argument("--json", help="also write the summaries here")
     args = ap.parse_args()
-    from lte import cases
 
     from kedit.evaluate import Evaluation, resolve_evaluators
     from kedit.models import load

@@ -41,9 +41,10 @@ def cases(n: int):
 
 def single_edits(model, tok, source, specs, editor, opts, stats) -> tuple[dict[str, float], float]:
     """Each spec edited alone on the unedited model: mean ES/PS/NS and the median seconds per edit."""
+    from kedit_plugins.edit_metrics import counterfact_scores
+
     from kedit import diff as diffmod
     from kedit.editing import compute_diff
-    from kedit_plugins.edit_metrics import counterfact_scores
 
     per, times = [], []
     for spec in specs:
@@ -66,12 +67,13 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
 
+    from kedit_plugins.edit_metrics import counterfact_scores
+
     from kedit import diff as diffmod
     from kedit.editing import compute_diff, resolve_editor
     from kedit.models import load
     from kedit.options import parse_pairs
     from kedit.scoring import perplexity
-    from kedit_plugins.edit_metrics import counterfact_scores
     from kedit.stats import KeyStats
 
     model, tok, source = load(None, quiet=True)

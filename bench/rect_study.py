@@ -21,17 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the kedit command does; must precede torch's import
-import torch  # noqa: E402,F401
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT / "bench"))
+# bench/ is on sys.path when a bench runs as a script; lte sets THP before it imports torch.
+from lte import DATA, ROOT, cases
 
 
 def main() -> None:
@@ -45,7 +40,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rect_study.json"))
     args = ap.parse_args()
 
-    from lte import cases
 
     from kedit import diff as diffmod
     from kedit.atomic import atomic_write_text

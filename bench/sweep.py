@@ -54,11 +54,12 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
 
+    from kedit_plugins.edit_metrics import counterfact_scores
+
     from kedit import diff as diffmod
     from kedit.editing import compute_diff, resolve_editor
     from kedit.models import load
     from kedit.scoring import perplexity
-    from kedit_plugins.edit_metrics import counterfact_scores
     from kedit.stats import KeyStats
 
     model, tok, source = load(None, quiet=True)

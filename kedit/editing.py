@@ -19,7 +19,7 @@ from .api import EditContext
 from .arch import arch_for
 from .errors import InputError, KeditError
 from .models import ModelSource
-from .options import parse_reg, validate
+from .options import bind, validate
 from .plugins import Registered, lookup
 from .spec import EditSpec, specs_sha256
 
@@ -44,14 +44,8 @@ def resolve_editor(name: str, raw_options: dict[str, Any]) -> tuple[Registered, 
 def resolve_regs(texts: Sequence[str]) -> list[Reg]:
     regs = []
     for text in texts:
-        name, values = parse_reg(text)
-        entry = lookup("regularizers", name)
-        cls = entry.obj
-        if not isinstance(values, dict):
-            if not cls.primary:
-                raise InputError(f"--reg {text!r}: regularizer {name!r} has no primary option; use {name}:KEY=VALUE")
-            values = {cls.primary: values}
-        regs.append(Reg(entry, validate("regularizer", name, cls.Options, values)))
+        entry, values = bind("regularizers", "--reg", text)
+        regs.append(Reg(entry, validate("regularizer", entry.name, entry.obj.Options, values)))
     return regs
 
 

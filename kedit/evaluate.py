@@ -21,8 +21,8 @@ from .api import EvalContext, EvalResult
 from .atomic import atomic_path
 from .cache import cache_root, file_sha256
 from .errors import InputError, KeditError
-from .options import parse_reg, validate
-from .plugins import Registered, lookup
+from .options import bind, validate
+from .plugins import Registered
 from .scoring import TeacherForced
 from .spec import EditSpec, specs_sha256
 
@@ -60,13 +60,8 @@ def resolve_evaluators(texts: Sequence[str], data: Sequence[str] = ()) -> list[C
     fill the ``data`` option of each evaluator that has one and was not given one."""
     chosen: list[Chosen] = []
     for text in [t for raw in texts for t in split_eval_list(raw)]:
-        name, values = parse_reg(text)
-        entry = lookup("evaluators", name)
-        cls = entry.obj
-        if not isinstance(values, dict):
-            if not cls.primary:
-                raise InputError(f"evaluator {text!r}: {name!r} has no primary option; use {name}:KEY=VALUE")
-            values = {cls.primary: values}
+        entry, values = bind("evaluators", "evaluator", text)
+        cls, name = entry.obj, entry.name
         if "data" in cls.Options.model_fields and "data" not in values and data:
             values["data"] = data[0] if len(data) == 1 else _pick_data(cls, name, data)
         chosen.append(Chosen(entry, validate("evaluator", name, cls.Options, values)))

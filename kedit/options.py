@@ -54,6 +54,21 @@ def parse_reg(text: str) -> tuple[str, dict[str, Any] | Any]:
     return name, values
 
 
+def bind(kind: str, label: str, text: str) -> tuple[Any, dict[str, Any]]:
+    """Look up the plugin a ``NAME[:VALUE | :K=V,...]`` reference names (in registry ``kind``) and
+    return it with its raw option values, a bare VALUE bound to the plugin's ``primary`` option."""
+    from .plugins import lookup
+
+    name, values = parse_reg(text)
+    entry = lookup(kind, name)
+    if not isinstance(values, dict):
+        primary = getattr(entry.obj, "primary", None)
+        if not primary:
+            raise InputError(f"{label} {text!r}: {name!r} has no primary option; use {name}:KEY=VALUE")
+        values = {primary: values}
+    return entry, values
+
+
 def schema_listing(cls: type[BaseModel]) -> dict[str, Any]:
     """Option name -> {type, default, description}, for ``kedit editors --options``."""
     props = cls.model_json_schema().get("properties", {})

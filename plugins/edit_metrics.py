@@ -38,23 +38,12 @@ def counterfact_result(scorer: TeacherForced, specs: Sequence[EditSpec]) -> Eval
     scores = iter(scorer.score(pairs))
     groups: dict[str, list[list[float]]] = {k: [] for k in ("ES", "EM", "PS", "PM", "NS", "NM")}
     for s in specs:
-        new, true = next(scores).prob, next(scores).prob
-        groups["ES"].append([float(new > true)])
-        groups["EM"].append([new - true])
-        ps, pm = [], []
-        for _ in s.paraphrases:
-            new, true = next(scores).prob, next(scores).prob
-            ps.append(float(new > true))
-            pm.append(new - true)
-        groups["PS"].append(ps)
-        groups["PM"].append(pm)
-        ns, nm = [], []
-        for _ in s.neighborhood:
-            new, true = next(scores).prob, next(scores).prob
-            ns.append(float(true > new))
-            nm.append(true - new)
-        groups["NS"].append(ns)
-        groups["NM"].append(nm)
+        # (score, margin, prompts, sign): sign +1 when the new target should win, -1 when the old one should.
+        for win, margin, count, sign in (("ES", "EM", 1, 1), ("PS", "PM", len(s.paraphrases), 1),
+                                         ("NS", "NM", len(s.neighborhood), -1)):
+            diffs = [sign * (next(scores).prob - next(scores).prob) for _ in range(count)]
+            groups[win].append([float(d > 0) for d in diffs])
+            groups[margin].append(diffs)
     metrics, samples = {}, {}
     for k, g in groups.items():
         metrics[k], per = _per_spec(g)
