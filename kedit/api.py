@@ -36,8 +36,28 @@ class EditContext:
     device: str = "cpu"
     progress: Callable[..., Iterable[Any]] = _no_progress
     stats: Any = None  # key-statistics provider (locate-then-edit methods)
-    state: Any = None  # state carried over from earlier edits of a sequence
+    # State a method carries across the batches of a sequence (D4S sums, AlphaEdit's key sums):
+    # ``{name: tensor}``, updated in place by the editor; the host saves it beside the chain, so a
+    # later process continues the sequence exactly. None outside sequences.
+    state: dict[str, torch.Tensor] | None = None
+    # The unedited model behind a sequence (:class:`kedit.sequence.SequenceBase`): ``weight(name)``
+    # gives a parameter's value before the sequence's first edit. None when the model is the base.
+    base: Any = None
+    # Tensors an editor wants kept beside this batch's diff (D4S's per-edit keys and residuals,
+    # which make single-edit removal exact); handed back to :meth:`Editor.remove`.
+    step_data: dict[str, torch.Tensor] | None = None
     generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def at_base(self) -> Any:
+        """A context manager in which the model holds the sequence base's weights (a no-op outside
+        sequences): for what a sequence must compute once, from the base (context templates)."""
+        import contextlib
+
+        return self.base.reverted() if self.base is not None else contextlib.nullcontext()
+
+    def base_weight(self, model: torch.nn.Module, name: str) -> torch.Tensor:
+        """A parameter's value before the sequence's first edit (the live value outside sequences)."""
+        return self.base.weight(name) if self.base is not None else model.get_parameter(name).detach()
 
 
 class Editor(ABC):
@@ -60,6 +80,16 @@ class Editor(ABC):
     def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec],
              options: Any, context: EditContext) -> dict[str, Any]:
         ...
+
+    def remove(self, model: torch.nn.Module, tokenizer: Any, spec_ids: list[str],
+               steps: list[tuple[list[str], dict[str, torch.Tensor]]], options: Any,
+               context: EditContext) -> dict[str, Any]:
+        """Deltas (against the live model) that make a sequence's result as if the edits
+        ``spec_ids`` had never been made; ``steps`` are each earlier batch's spec ids and
+        ``step_data``. Only methods whose result is a function of per-edit sums can do this."""
+        from .errors import InputError
+
+        raise InputError(f"editor {self.name!r} cannot remove single edits from a sequence (d4s can)")
 
 
 class Regularizer(ABC):

@@ -24,8 +24,19 @@ def _fmt(p: float | None) -> str:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from .options import parse_pairs
-    from .workflows import apply_specs
+    from .workflows import apply_sequence, apply_specs
 
+    if args.mode == "sequential" or args.continue_chain:
+        return _print_sequence(apply_sequence(
+            args.spec, args.plugin, parse_pairs(args.option), args.reg, args.model, args.out, args.seed,
+            quiet=args.json, batch_size=args.batch_size, squash=args.squash, continue_chain=args.continue_chain,
+            corpus=args.corpus, stats_tokens=args.stats_tokens, evaluators=args.eval, data=args.data,
+            eval_at=args.eval_at, use_cache=not args.no_cache), args.json)
+    if args.batch_size is not None or args.squash or args.eval_at:
+        raise InputError("--batch-size, --squash and --eval-at belong to --mode sequential "
+                         "(--mode batch edits all specs at once)")
+    if args.plugin is None:
+        raise InputError("kedit apply needs --plugin EDITOR (see `kedit editors`)")
     result = apply_specs(args.spec, args.plugin, parse_pairs(args.option), args.reg, args.model, args.out,
                          args.seed, quiet=args.json, after=args.after, corpus=args.corpus,
                          stats_tokens=args.stats_tokens, evaluators=args.eval, data=args.data,
@@ -42,6 +53,32 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if "metrics" in result:
         print()
         _print_metrics(result)
+    return 0
+
+
+def _print_sequence(result: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        _print_json(result)
+        return 0
+    print(f"{'step':>4} {'edits':>6} {'seconds':>8} {'mean|W|':>9} {'mean|ΔW|':>10} {'L1 dist':>10} "
+          f"{'δ>0.077':>8} {'δ>0.171':>8}")
+    for i, st in enumerate(result["steps"], start=1):
+        rows = list(st["drift"].values())
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        print(f"{i:>4} {st['edits']:>6} {st['seconds']:>8.1f} {mean['mean_abs_w']:>9.5f} {mean['mean_abs_dw']:>10.3g} "
+              f"{sum(r['l1_distance'] for r in rows):>10.4g} {mean['share_rel_gt_0.077']:>8.3f} "
+              f"{mean['share_rel_gt_0.171']:>8.3f}")
+    print("(drift: means over the edited matrices, against the sequence's base)")
+    for point in result["evaluation"]:
+        print(f"\n{point['at']} evaluation after {point['edits']} edits, on {point['specs']} specs:")
+        _print_metrics(point)
+    if result.get("forgetting"):
+        print(f"\n{'forgetting':<28} {'immediate':>10} {'final':>10} {'gap':>10}")
+        for name, g in result["forgetting"].items():
+            print(f"{name:<28} {g['immediate']:>10.4g} {g['final']:>10.4g} {g['gap']:>10.4g}")
+    print(f"\nchanged {result['changed']}/{result['count']} facts (new target now more probable than the old)")
+    print(f"wrote {result.get('chain') or result.get('diff')} ({len(result['steps'])} batches of up to "
+          f"{result['batch_size']}, {result['edits']} edits in effect)")
     return 0
 
 
@@ -182,6 +219,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
         d = wf.squash(args.diffs, args.output, args.model)
         print(f"wrote {args.output} ({d.id}); max |squashed − chain| = {d.manifest['squash_max_abs_vs_chain']:.3g}")
         return 0
+    if args.edit:
+        if args.action != "revert" or len(args.diffs) != 1:
+            raise InputError("--edit ID goes with `kedit diff revert --edit ID CHAIN` (one chain folder)")
+        r = wf.remove_from_chain(args.diffs[0], args.edit, args.model, quiet=args.json)
+        if args.json:
+            _print_json(r)
+        else:
+            print(f"removed {', '.join(r['removes'])}: appended step {r['step']} ({r['id']}) to {r['chain']}; "
+                  f"{r['edits']} edits in effect")
+        return 0
     if not args.out:
         raise InputError(f"diff {args.action} needs --out DIR")
     if args.action == "revert":
@@ -222,13 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("apply", help="edit a model with a JSONL spec file and write a diff")
     p.add_argument("spec", help="edit spec file (JSONL)")
-    p.add_argument("--plugin", required=True, help="editor name (see `kedit editors`)")
+    p.add_argument("--plugin", help="editor name (see `kedit editors`); required unless --continue")
     p.add_argument("--reg", action="append", default=[], metavar="NAME[:VALUE|:K=V,...]",
                    help="regularizer applied to the deltas; repeat for a chain")
     p.add_argument("-o", "--option", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="editor option (see `kedit editors --options`); VALUE is JSON or a plain string")
     p.add_argument("--model", help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", help="diff path (default: checkpoints/SPEC-EDITOR-ID.kedit.safetensors)")
+    p.add_argument("--out", help="diff path (default: checkpoints/SPEC-EDITOR-ID.kedit.safetensors); "
+                   "sequential: the chain folder (default: checkpoints/SPEC-EDITOR-seq)")
     p.add_argument("--corpus", help="text for the key statistics of rome/memit/alphaedit/emmet: .txt, .jsonl "
                    "with a text field, or hf:NAME (online); default: text sampled from the model itself")
     p.add_argument("--stats-tokens", type=int, help="token budget of the key statistics "
@@ -236,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", action="append", default=[], metavar="DIFF",
                    help="apply these diffs (a chain, in order) first; the new diff continues the chain")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (recorded in the diff)")
+    p.add_argument("--mode", choices=["batch", "sequential"], default="batch",
+                   help="batch: all specs in one edit (one diff); sequential: consecutive batches, each computed "
+                   "on the model the previous ones left, written as a chain folder (default: batch)")
+    p.add_argument("--batch-size", type=int, help="sequential: specs per batch (default 1: instance-sequential)")
+    p.add_argument("--squash", action="store_true", help="sequential: write one diff instead of a chain folder")
+    p.add_argument("--continue", dest="continue_chain", metavar="CHAIN",
+                   help="continue a chain folder with the specs it does not hold yet (same editor, options, "
+                   "regularizers and batch size; an interrupted run resumes)")
+    p.add_argument("--eval-at", action="append", default=[], metavar="WHEN",
+                   help="sequential: when --eval runs: immediate (each batch's specs after it), final (all "
+                   "specs after the last batch), every:N (all specs so far every N edits); comma-separated; "
+                   "default final")
     p.add_argument("--eval", action="append", default=[], metavar="NAME[,NAME...]",
                    help="evaluators run before and after the edit (see `kedit evaluators`); "
                    "NAME:VALUE sets the primary option, NAME:K=V,K2=V2 several")
@@ -288,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="apply/revert/export: folder to write (loadable with from_pretrained)")
     p.add_argument("-o", "--output", help="squash: the diff file to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--edit", action="append", default=[], metavar="ID",
+                   help="revert: take this edit (spec id) out of a chain folder as if it had never been made, "
+                   "by appending a step (editors that keep per-edit sums: d4s); repeatable")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_diff)
 

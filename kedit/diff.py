@@ -230,17 +230,22 @@ def apply(model: torch.nn.Module, diff: Diff) -> str:
     return "applied"
 
 
+def reverted_tensor(diff: Diff, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (``name`` with ``diff`` applied) with the diff undone, exactly; a new tensor."""
+    back = _minus(tensor, D.to_dense(diff.deltas[name], torch.float64).to(tensor.device)).reshape(-1)
+    idx, val = diff.fixes[name]
+    back[idx.to(back.device)] = val.to(back.device, back.dtype)
+    return back.view(tensor.shape)
+
+
 def revert(model: torch.nn.Module, diff: Diff) -> str:
     """Undo an applied diff exactly; returns ``"reverted"`` or ``"not applied"``."""
     if state(model, diff) == "base":
         return "not applied"
     with torch.no_grad():
-        for name, d in diff.deltas.items():
+        for name in diff.deltas:
             p = model.get_parameter(name)
-            back = _minus(p, D.to_dense(d, torch.float64).to(p.device)).reshape(-1)
-            idx, val = diff.fixes[name]
-            back[idx.to(back.device)] = val.to(back.device, back.dtype)
-            p.copy_(back.view(p.shape))
+            p.copy_(reverted_tensor(diff, name, p.detach()))
     return "reverted"
 
 

@@ -98,9 +98,15 @@ def regularize_diff(model: torch.nn.Module, diff: diffmod.Diff, regs: Sequence[R
 
 def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, specs: list[EditSpec],
                  editor: Registered, options: Any, regs: Sequence[Reg] = (), seed: int = 0,
-                 parents: Sequence[str] = (), state: Any = None, quiet: bool = True,
-                 stats: Any = None) -> diffmod.Diff:
-    """Run one edit and return its diff; ``model`` is left exactly as it was."""
+                 parents: Sequence[str] = (), state: dict[str, torch.Tensor] | None = None, quiet: bool = True,
+                 stats: Any = None, base: Any = None,
+                 step_data: dict[str, torch.Tensor] | None = None, remove: Sequence[str] | None = None,
+                 steps: Sequence[Any] = ()) -> diffmod.Diff:
+    """Run one edit and return its diff; ``model`` is left exactly as it was.
+
+    ``state``, ``base`` and ``step_data`` are a sequence's (see :mod:`kedit.sequence`). With
+    ``remove`` (spec ids) the diff instead takes those edits out of the sequence, through the
+    editor's ``remove`` with the sequence's per-step data ``steps``."""
     arch = arch_for(model)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -109,11 +115,15 @@ def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, sp
 
         stats = KeyStats(seed=seed, quiet=quiet)
     context = EditContext(arch=arch, seed=seed, device=str(next(model.parameters()).device),
-                          progress=progress_bar(quiet), state=state, generator=generator, stats=stats)
+                          progress=progress_bar(quiet), state=state, generator=generator, stats=stats,
+                          base=base, step_data=step_data)
     versions = {n: p._version for n, p in model.named_parameters()}
     instance = editor.obj()
     options = instance.resolve(options, model)
-    deltas = instance.edit(model, tokenizer, specs, options, context)
+    if remove is not None:
+        deltas = instance.remove(model, tokenizer, list(remove), list(steps), options, context)
+    else:
+        deltas = instance.edit(model, tokenizer, specs, options, context)
     changed = [n for n, p in model.named_parameters() if p._version != versions[n]]
     if changed:
         raise KeditError(f"editor {editor.name!r} (package {editor.package}) changed the model in place "
@@ -139,5 +149,7 @@ def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, sp
         "specs": {"count": len(specs), "sha256": specs_sha256(specs),
                   "records": [s.model_dump(mode="json", exclude_defaults=True) for s in specs]},
     }
+    if remove is not None:
+        record["removes"] = list(remove)
     base = {n: params[n].detach().cpu() for n in out}
     return diffmod.build(base, out, record)

@@ -32,6 +32,7 @@ from .hashing import tensor_sha256
 
 SEED_PROMPTS = ("The", "In", "A", "It", "This", "When", "He", "She", "On", "After", "There", "We")
 SAMPLE_BATCH = 64  # sequences generated at once: big enough for efficient GEMMs in each decode step
+DEFAULT_MAX_LEN = 256  # tokens per packed row, unless the model's context is shorter
 _VERSION = 1  # bump when what goes into a cache key or a cached file changes meaning
 
 
@@ -230,10 +231,12 @@ class KeyStats:
     do not modify them in place.
     """
 
-    def __init__(self, corpus: str | None = None, n_tokens: int | None = None, max_len: int = 256,
+    def __init__(self, corpus: str | None = None, n_tokens: int | None = None, max_len: int | None = None,
                  seed: int = 0, batch_size: int = 16, quiet: bool = True) -> None:
         if n_tokens is None:  # sampling from the model costs ~70 tokens/s on 2 CPU cores: keep the default small
             n_tokens = DEFAULT_TOKENS if corpus is not None else DEFAULT_SAMPLED_TOKENS
+        self._max_len_given = max_len is not None
+        max_len = DEFAULT_MAX_LEN if max_len is None else max_len
         if n_tokens < 1 or max_len < 1 or batch_size < 1:
             raise InputError("key statistics need n_tokens, max_len and batch_size of at least 1")
         self.corpus, self.n_tokens, self.max_len = corpus, n_tokens, max_len
@@ -295,6 +298,8 @@ class KeyStats:
         arch = arch_for(model)
         layers = sorted({resolve_layer(int(x), model.config) for x in layers})
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if context and self.max_len > context and not self._max_len_given:
+            self.max_len = context  # the default row length, shortened for a model with a short context
         if context and self.max_len > context:
             raise InputError(f"max_len {self.max_len} exceeds the model's context of {context} positions")
         tok_sha, bar = tokenizer_sha256(tokenizer), progress_bar(self.quiet)

@@ -64,13 +64,7 @@ def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, An
     diff = compute_diff(lm, tok, source, specs, entry, opts, chain, seed=seed, quiet=quiet,
                         parents=[prior[-1].id] if prior else [], stats=stats)
     diffmod.apply(lm, diff)
-    after = probe_table(lm, tok, specs)
-    rows = []
-    for spec, b, a in zip(specs, before, after):
-        changed = a["p_true"] is None or a["p_new"] > a["p_true"]
-        rows.append({"id": spec.id, "prompt": spec.text, "target_new": spec.target_new, "target_true": spec.target_true,
-                     "p_new_before": b["p_new"], "p_new_after": a["p_new"],
-                     "p_true_before": b["p_true"], "p_true_after": a["p_true"], "changed": changed})
+    rows = _rows(specs, before, probe_table(lm, tok, specs))
     diff.manifest["eval"] = {"protocol": "target-prob-v1 (exp mean log-prob, teacher forced, edit prompt only)",
                              "changed": sum(r["changed"] for r in rows), "count": len(rows)}
     summary: dict[str, Any] = {}
@@ -83,6 +77,112 @@ def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, An
     diffmod.write(diff, path)
     return {"diff": str(path), "id": diff.id, "bytes": path.stat().st_size, "editor": editor,
             "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows, **summary}
+
+
+def apply_sequence(spec_path: str | os.PathLike, editor: str | None, options: dict[str, Any] | None = None,
+                   regs: Sequence[str] = (), model: str | None = None, out: str | os.PathLike | None = None,
+                   seed: int = 0, quiet: bool = False, batch_size: int | None = None, squash: bool = False,
+                   continue_chain: str | os.PathLike | None = None, corpus: str | None = None,
+                   stats_tokens: int | None = None, evaluators: Sequence[str] = (), data: Sequence[str] = (),
+                   eval_at: Sequence[str] = (), use_cache: bool = True) -> dict[str, Any]:
+    """Edit in consecutive batches (``--mode sequential``), writing a chain folder, or with
+    ``squash`` one diff. ``continue_chain`` resumes a chain: its editor, options, regularizers,
+    seed and batch size are reused, and specs it already holds are skipped, so re-running an
+    interrupted command finishes it."""
+    from .paradigms import Schedule, new_chain, run_sequence
+    from .sequence import Chain
+    from .stats import KeyStats
+
+    spec_path = Path(spec_path)
+    specs = read_specs(spec_path)
+    schedule = Schedule.parse(eval_at)
+    chain = Chain.open(continue_chain) if continue_chain else None
+    if chain is not None:
+        rec = chain.record
+        if editor is not None and editor != rec["editor"]:
+            raise InputError(f"--continue {chain.path}: the chain was made with {rec['editor']!r}, not {editor!r}")
+        if options or regs or (batch_size is not None and batch_size != rec["batch_size"]):
+            raise InputError(f"--continue {chain.path}: the chain's editor options, regularizers and batch size are "
+                             "reused; do not pass -o, --reg or another --batch-size")
+        if squash or out is not None:
+            raise InputError("--continue writes into the chain folder; --out and --squash do not apply")
+        editor, options, regs, seed, batch_size = (rec["editor"], rec["options"], rec["regularizers"], rec["seed"],
+                                                   rec["batch_size"])
+        model = model if model is not None else rec.get("model")
+        corpus = corpus if corpus is not None else rec["stats"]["corpus"]
+        stats_tokens = stats_tokens if stats_tokens is not None else rec["stats"]["n_tokens"]
+    if editor is None:
+        raise InputError("kedit apply needs --plugin EDITOR (or --continue CHAIN)")
+    batch_size = batch_size or 1
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: must be at least 1")
+    entry, opts = resolve_editor(editor, options or {})
+    chain_regs = resolve_regs(regs)
+    if squash and out is not None and not str(out).endswith(diffmod.SUFFIX):
+        raise InputError(f"--out {out}: with --squash the result is one diff, whose name ends in {diffmod.SUFFIX}")
+    if not squash and chain is None and out is not None and str(out).endswith(diffmod.SUFFIX):
+        raise InputError(f"--out {out}: a sequence is written as a chain folder; pass a folder, or --squash for one diff")
+    chosen = resolve_evaluators(evaluators, data) if evaluators else []
+    lm, tok, source = load(model, quiet=quiet)
+    previous: list[EditSpec] = []
+    if chain is not None:
+        for d in chain.diffs():
+            diffmod.apply(lm, d)
+        held = set(chain.spec_ids())
+        previous = [s for s in specs_from_diffs(chain.diffs()) if s.id in held]
+        seen = {i for s in chain.steps for i in s.get("specs", [])}
+        specs = [s for s in specs if s.id not in seen]
+    before = probe_table(lm, tok, specs)
+    stats = KeyStats(corpus=corpus, n_tokens=stats_tokens, seed=seed, quiet=quiet)
+    if chain is None and not squash:
+        folder = Path(out) if out else Path("checkpoints") / f"{spec_path.name.removesuffix('.jsonl')}-{editor}-seq"
+        chain = new_chain(folder, entry, opts, list(regs), seed, batch_size, model, source, str(spec_path),
+                          {"corpus": corpus, "n_tokens": stats_tokens})
+    result = run_sequence(lm, tok, source, specs, entry, opts, chain_regs, batch_size=batch_size, seed=seed,
+                          stats=stats, chain=chain, chosen=chosen, schedule=schedule, quiet=quiet,
+                          use_cache=use_cache, previous=previous)
+    rows = _rows(specs, before, probe_table(lm, tok, specs))
+    summary = {"mode": "sequential", "batch_size": batch_size, "editor": editor, "eval_at": schedule.describe(),
+               "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows,
+               "edits": result["edits"], "steps": result["steps"], "evaluation": result["evaluation"],
+               "forgetting": result["forgetting"]}
+    if squash:
+        with result["base"].reverted() as m:
+            d = diffmod.squash(m, result["diffs"])
+        d.manifest["sequence"] = {k: summary[k] for k in ("mode", "batch_size", "eval_at", "steps", "evaluation",
+                                                          "forgetting")}
+        d.manifest["id"] = diffmod.content_id(d.manifest, d.tensors())
+        path = Path(out) if out else default_out(spec_path, f"{editor}-seq", d.id)
+        diffmod.write(d, path)
+        return {"diff": str(path), "id": d.id, **summary}
+    assert chain is not None
+    return {"chain": str(chain.path), "id": result["steps"][-1]["id"] if result["steps"] else None, **summary}
+
+
+def remove_from_chain(chain_path: str | os.PathLike, ids: Sequence[str], model: str | None = None,
+                      quiet: bool = False) -> dict[str, Any]:
+    """``kedit diff revert --edit ID CHAIN``: append a step that removes the edits, exactly."""
+    from .paradigms import remove_edits
+    from .sequence import Chain
+    from .stats import KeyStats
+
+    chain = Chain.open(chain_path)
+    rec = chain.record
+    entry, opts = resolve_editor(rec["editor"], rec["options"])
+    regs = resolve_regs(rec["regularizers"])
+    lm, tok, source = load(model if model is not None else rec.get("model"), quiet=quiet)
+    stats = KeyStats(corpus=rec["stats"]["corpus"], n_tokens=rec["stats"]["n_tokens"], seed=rec["seed"], quiet=quiet)
+    return remove_edits(lm, tok, source, chain, ids, entry, opts, regs, stats, quiet=quiet)
+
+
+def _rows(specs: Sequence[EditSpec], before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for spec, b, a in zip(specs, before, after):
+        changed = a["p_true"] is None or a["p_new"] > a["p_true"]
+        rows.append({"id": spec.id, "prompt": spec.text, "target_new": spec.target_new, "target_true": spec.target_true,
+                     "p_new_before": b["p_new"], "p_new_after": a["p_new"],
+                     "p_true_before": b["p_true"], "p_true_after": a["p_true"], "changed": changed})
+    return rows
 
 
 def eval_model(evaluators: Sequence[str], model: str | None = None, diffs: Sequence[str] = (),

@@ -4,7 +4,7 @@ keys' statistics (Fang et al. 2025), so that ΔW k = 0 for keys in the preserved
 ΔW = R Kᵀ Û (Ûᵀ (K Kᵀ + Cp) Û + L2 I)⁻¹ Ûᵀ, with Û the eigenvectors of C0 whose eigenvalues are
 below ``nullspace_threshold`` × the largest eigenvalue (a relative threshold: the reference's
 absolute 2e-2 keeps all directions or none depending on the statistics' scale), and Cp the sum of
-K Kᵀ over earlier edits of a sequence, carried in the edit state under ``"alphaedit"``.
+K Kᵀ over earlier edits of a sequence, carried in the sequence state as ``alphaedit.kk.LAYER``.
 """
 from __future__ import annotations
 
@@ -33,21 +33,21 @@ class AlphaEdit(Memit):
 
     def begin(self, model, tokenizer, specs, layers, c0, options, context) -> None:
         self._basis = {l: null_space_basis(c0[l], options.nullspace_threshold) for l in layers}
-        state = context.state if isinstance(context.state, dict) else {}
-        self._prior = state.get("alphaedit", {})
+        state = context.state if context.state is not None else {}
+        self._prior = {l: state.get(f"alphaedit.kk.{l}") for l in layers}
 
     def solve(self, layer: int, residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor,
               options: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return alphaedit_delta(residual, keys, self._basis[layer], self._prior.get(layer), options.L2)
 
     def end(self, model, tokenizer, specs, layers, key_rows, overrides, context) -> None:
-        if not isinstance(context.state, dict):
+        if context.state is None:
             return
         acts = capture.at_lookup(model, tokenizer, context.arch, key_rows, key_layers=layers, overrides=overrides)
-        sums = context.state.setdefault("alphaedit", {})
         for layer in layers:
             k = capture.average_by_request(acts[("key", layer)], key_rows, len(specs)).T
-            sums[layer] = sums.get(layer, 0) + k @ k.T
+            prior = context.state.get(f"alphaedit.kk.{layer}")
+            context.state[f"alphaedit.kk.{layer}"] = k @ k.T + (prior if prior is not None else 0)
 
 
 @hookimpl

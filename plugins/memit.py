@@ -63,7 +63,8 @@ class Memit(Editor):
         options = self.resolve(options, model)
         layers = options.layers
         last = layers[-1]
-        templates = context_templates(model, tokenizer, [(10, 5)], seed=context.seed)
+        with context.at_base():  # a sequence keeps its base model's templates, in any process
+            templates = context_templates(model, tokenizer, [(10, 5)], seed=context.seed)
         vals = values.optimize(model, tokenizer, arch, specs, templates, "block", last, options,
                                progress=context.progress)
         c0 = context.stats.second_moment(model, tokenizer, layers)

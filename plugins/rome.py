@@ -53,7 +53,8 @@ class Rome(Editor):
         layer = options.layer
         pname = arch.mlp_out_weight(layer)
         w0 = model.get_parameter(pname).detach()
-        templates = context_templates(model, tokenizer, [(5, 10), (10, 10)], seed=context.seed)
+        with context.at_base():  # a sequence keeps its base model's templates, in any process
+            templates = context_templates(model, tokenizer, [(5, 10), (10, 10)], seed=context.seed)
         if options.mom2_adjustment:
             c0 = context.stats.second_moment(model, tokenizer, [layer])[layer]
         else:

@@ -176,7 +176,7 @@ def test_memit_spreads_over_layers_and_alphaedit_respects_the_null_space(stats):
         preserved = evecs[:, evals >= 0.05 * evals.max()]
         dw = _dense_out_in(arch, out[arch.mlp_out_weight(layer)])
         assert float((dw @ preserved).abs().max()) < 1e-6 * max(1.0, float(dw.abs().max()))
-        assert state["alphaedit"][layer].shape == c0.shape  # keys carried for a sequence
+        assert state[f"alphaedit.kk.{layer}"].shape == c0.shape  # keys carried for a sequence
 
 
 def _qwen2():

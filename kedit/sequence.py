@@ -1,0 +1,186 @@
+"""Sequences of edits: consecutive batches, each computed on the model the previous ones left.
+
+A sequence is written as a *chain folder*: one diff per batch (each naming the one before as its
+parent), the editor's carried state, the per-batch data an editor keeps for single-edit removal,
+and ``chain.json``, which is written last after every batch and so is the commit point: a run
+cut off mid-batch leaves a folder that ``--continue`` resumes from its last whole batch.
+
+Every batch of a sequence sees the *sequence base* (the model before its first edit) through
+:class:`SequenceBase`: its key statistics (as sequential MEMIT and AlphaEdit use them; asking the
+edited model would recompute them after every batch) and its weights (D4S solves from them).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import diff as diffmod
+from .atomic import atomic_path, atomic_write_text
+from .errors import InputError
+
+CHAIN_FILE = "chain.json"
+STATE_FILE = "state.safetensors"
+CHAIN_SCHEMA = 1
+DRIFT_THRESHOLDS = (0.077, 0.171)  # the RECT paper's relative-change levels
+
+
+class SequenceBase:
+    """The unedited model behind a sequence. Its weights are the live ones with the applied diffs
+    reverted (exactly, on copies); :meth:`reverted` swaps them in without touching the model's
+    own tensors, so editors may look at the base while the host checks they change nothing."""
+
+    def __init__(self, model: torch.nn.Module, stats: Any = None) -> None:
+        self.model, self.stats = model, stats
+        self.applied: list[diffmod.Diff] = []
+        self._weights: dict[str, torch.Tensor] = {}
+        self._moments: dict[int, torch.Tensor] = {}
+
+    def weight(self, name: str) -> torch.Tensor:
+        """``name``'s value before the sequence's first edit."""
+        if name not in self._weights:
+            w = self.model.get_parameter(name).detach().clone()
+            for d in reversed(self.applied):
+                if name in d.deltas:
+                    w = diffmod.reverted_tensor(d, name, w)
+            self._weights[name] = w
+        return self._weights[name]
+
+    @contextlib.contextmanager
+    def reverted(self) -> Iterator[torch.nn.Module]:
+        """The model at the sequence base for the duration of the block."""
+        names = sorted({n for d in self.applied for n in d.deltas})
+        params = {n: self.model.get_parameter(n) for n in names}
+        live = {n: p.data for n, p in params.items()}
+        try:
+            for n, p in params.items():
+                p.data = self.weight(n)
+            yield self.model
+        finally:
+            for n, p in params.items():
+                p.data = live[n]
+
+    # -- the key-statistics provider interface (kedit.stats.KeyStats), served from the base --
+    @property
+    def used(self) -> bool:
+        return bool(getattr(self.stats, "used", False))
+
+    def second_moment(self, _model: torch.nn.Module, tokenizer: Any, layers: list[int]) -> dict[int, torch.Tensor]:
+        missing = [layer for layer in layers if layer not in self._moments]
+        if missing:
+            with self.reverted() as m:
+                self._moments.update(self.stats.second_moment(m, tokenizer, missing))
+        return {layer: self._moments[layer] for layer in layers}
+
+    def record(self) -> dict[str, Any]:
+        return {**self.stats.record(), "model": "sequence base (the model before the sequence's first edit)"}
+
+
+def drift(model: torch.nn.Module, base: SequenceBase, names: list[str]) -> dict[str, dict[str, float]]:
+    """Per edited matrix: mean |W| and mean |ΔW| (D4S's L1 analysis), the Manhattan distance to the
+    base, and the share of elements whose relative change |ΔW|/|W0| exceeds RECT's levels."""
+    out = {}
+    for name in sorted(names):
+        w = model.get_parameter(name).detach().double().cpu()
+        w0 = base.weight(name).double().cpu()
+        dw = (w - w0).abs()
+        rel = dw / w0.abs().clamp_min(1e-12)
+        row = {"mean_abs_w": float(w.abs().mean()), "mean_abs_dw": float(dw.mean()), "l1_distance": float(dw.sum())}
+        for t in DRIFT_THRESHOLDS:
+            row[f"share_rel_gt_{t}"] = float((rel > t).double().mean())
+        out[name] = row
+    return out
+
+
+# --- the chain folder ---------------------------------------------------------------------------
+
+@dataclass
+class Chain:
+    """A chain folder: ``chain.json`` plus the files it lists."""
+
+    path: Path
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Chain":
+        path = Path(path)
+        file = path / CHAIN_FILE
+        if not file.is_file():
+            raise InputError(f"{path}: not a chain folder (no {CHAIN_FILE}); chains are written by "
+                             "`kedit apply --mode sequential`")
+        try:
+            record = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{file}: unreadable ({exc})") from None
+        if record.get("schema") != CHAIN_SCHEMA:
+            raise InputError(f"{file}: chain schema {record.get('schema')!r}; this kedit reads {CHAIN_SCHEMA}")
+        return cls(path, record)
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        return self.record.setdefault("steps", [])
+
+    def diffs(self) -> list[diffmod.Diff]:
+        diffs = [diffmod.read(self.path / s["diff"]) for s in self.steps]
+        for s, d in zip(self.steps, diffs):
+            if d.id != s["id"]:
+                raise InputError(f"{self.path / s['diff']}: its id {d.id[:19]}… is not the one {CHAIN_FILE} lists")
+        return diffmod.check_chain(diffs)
+
+    def spec_ids(self) -> list[str]:
+        """Ids of the edits in effect: those added by the steps, less those removed."""
+        ids: list[str] = []
+        for s in self.steps:
+            ids += s.get("specs", [])
+            removed = set(s.get("removes", []))
+            ids = [i for i in ids if i not in removed]
+        return ids
+
+    def state(self) -> dict[str, torch.Tensor]:
+        file = self.path / STATE_FILE
+        if not file.is_file():
+            return {}
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("steps") != str(len(self.steps)):
+                raise InputError(f"{file}: saved after step {meta.get('steps')}, but {CHAIN_FILE} lists "
+                                 f"{len(self.steps)} steps; the chain folder was changed by hand")
+            return {k: fh.get_tensor(k) for k in fh.keys()}
+
+    def step_data(self) -> list[tuple[list[str], dict[str, torch.Tensor]]]:
+        from safetensors.torch import load_file
+
+        out = []
+        for s in self.steps:
+            data = load_file(str(self.path / s["data"])) if s.get("data") else {}
+            out.append((list(s.get("specs", [])), data))
+        return out
+
+    def add_step(self, diff: diffmod.Diff, info: dict[str, Any], state: dict[str, torch.Tensor] | None,
+                 data: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        """Write the step's files, the state, then chain.json (the commit point)."""
+        from safetensors.torch import save_file
+
+        n = len(self.steps) + 1
+        step = {"step": n, "diff": f"step-{n:04d}{diffmod.SUFFIX}", "id": diff.id, **info}
+        diffmod.write(diff, self.path / step["diff"])
+        if data:
+            step["data"] = f"step-{n:04d}.data.safetensors"
+            with atomic_path(self.path / step["data"]) as tmp:
+                save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
+        if state:
+            with atomic_path(self.path / STATE_FILE) as tmp:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                          metadata={"steps": str(n), "last": diff.id})
+        self.steps.append(step)
+        self.save()
+        return step
+
+    def save(self) -> None:
+        atomic_write_text(self.path / CHAIN_FILE, json.dumps(self.record, indent=1, ensure_ascii=False) + "\n")
