@@ -46,6 +46,11 @@ class EditContext:
     # Tensors an editor wants kept beside this batch's diff (D4S's per-edit keys and residuals,
     # which make single-edit removal exact); handed back to :meth:`Editor.remove`.
     step_data: dict[str, torch.Tensor] | None = None
+    # Set when the host asks for regularizers inside the editor's loop (``--reg-in-loop``): an
+    # editor that solves layer by layer passes each layer's delta through it before computing the
+    # next layer, so later layers see (and make up for) what a regularizer removed. Deltas it
+    # returned are not regularized again.
+    regularize: Callable[[str, Any], Any] | None = None
     generator: torch.Generator = field(default_factory=torch.Generator)
 
     def at_base(self) -> Any:

@@ -31,7 +31,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             args.spec, args.plugin, parse_pairs(args.option), args.reg, args.model, args.out, args.seed,
             quiet=args.json, batch_size=args.batch_size, squash=args.squash, continue_chain=args.continue_chain,
             corpus=args.corpus, stats_tokens=args.stats_tokens, evaluators=args.eval, data=args.data,
-            eval_at=args.eval_at, use_cache=not args.no_cache), args.json)
+            eval_at=args.eval_at, use_cache=not args.no_cache, reg_in_loop=args.reg_in_loop), args.json)
     if args.batch_size is not None or args.squash or args.eval_at:
         raise InputError("--batch-size, --squash and --eval-at belong to --mode sequential "
                          "(--mode batch edits all specs at once)")
@@ -40,7 +40,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     result = apply_specs(args.spec, args.plugin, parse_pairs(args.option), args.reg, args.model, args.out,
                          args.seed, quiet=args.json, after=args.after, corpus=args.corpus,
                          stats_tokens=args.stats_tokens, evaluators=args.eval, data=args.data,
-                         use_cache=not args.no_cache)
+                         use_cache=not args.no_cache, reg_in_loop=args.reg_in_loop)
     if args.json:
         _print_json(result)
         return 0
@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", help="editor name (see `kedit editors`); required unless --continue")
     p.add_argument("--reg", action="append", default=[], metavar="NAME[:VALUE|:K=V,...]",
                    help="regularizer applied to the deltas; repeat for a chain")
+    p.add_argument("--reg-in-loop", action="store_true",
+                   help="editors that solve layer by layer (memit, alphaedit, emmet, nse) apply the regularizers "
+                   "to each layer's delta before solving the next, so later layers make up for what they remove "
+                   "(default: regularize the finished deltas, as the RECT paper does)")
     p.add_argument("-o", "--option", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="editor option (see `kedit editors --options`); VALUE is JSON or a plain string")
     p.add_argument("--model", help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")

@@ -101,7 +101,7 @@ def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, sp
                  parents: Sequence[str] = (), state: dict[str, torch.Tensor] | None = None, quiet: bool = True,
                  stats: Any = None, base: Any = None,
                  step_data: dict[str, torch.Tensor] | None = None, remove: Sequence[str] | None = None,
-                 steps: Sequence[Any] = ()) -> diffmod.Diff:
+                 steps: Sequence[Any] = (), reg_in_loop: bool = False) -> diffmod.Diff:
     """Run one edit and return its diff; ``model`` is left exactly as it was.
 
     ``state``, ``base`` and ``step_data`` are a sequence's (see :mod:`kedit.sequence`). With
@@ -117,6 +117,16 @@ def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, sp
     context = EditContext(arch=arch, seed=seed, device=str(next(model.parameters()).device),
                           progress=progress_bar(quiet), state=state, generator=generator, stats=stats,
                           base=base, step_data=step_data)
+    params = dict(model.named_parameters())
+    in_loop: set[str] = set()
+    if reg_in_loop and regs:
+        def regularize(name: str, d: Any) -> D.Delta:
+            if name not in params:
+                raise KeditError(f"editor {editor.name!r} regularized {name!r}, not a parameter of the model")
+            in_loop.add(name)
+            return _regularized(params[name], _to_cpu(D.as_delta(d)), regs)
+
+        context.regularize = regularize
     versions = {n: p._version for n, p in model.named_parameters()}
     instance = editor.obj()
     options = instance.resolve(options, model)
@@ -130,18 +140,18 @@ def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, sp
                          f"({changed[0]}); editors must return deltas")
     if not deltas:
         raise KeditError(f"editor {editor.name!r} returned no deltas")
-    params = dict(model.named_parameters())
     out: dict[str, D.Delta] = {}
     for name, d in deltas.items():
         if name not in params:
             raise KeditError(f"editor {editor.name!r} returned a delta for {name!r}, not a parameter of the model")
-        out[name] = _regularized(params[name], _to_cpu(D.as_delta(d)), regs)
+        out[name] = _to_cpu(D.as_delta(d)) if name in in_loop else _regularized(params[name], _to_cpu(D.as_delta(d)), regs)
     record = {
         "base": {**source.to_json(), "model_type": model.config.model_type},
         "parents": list(parents),
         "editor": {"name": editor.name, "plugin": editor.plugin, "package": editor.package,
                    "version": editor.version, "options": options.model_dump(mode="json")},
         "regularizers": [r.record() for r in regs],
+        **({"regularized_in_loop": sorted(in_loop)} if in_loop else {}),
         "seed": seed,
         "stats": stats.record() if getattr(stats, "used", True) else None,
         "tokenization": {"padding_side": "right", "tokenizer_sha256": tokenizer_sha256(tokenizer),

@@ -92,7 +92,8 @@ def forgetting(points: list[dict[str, Any]]) -> dict[str, dict[str, float]] | No
 def run_sequence(model: torch.nn.Module, tok: Any, source: ModelSource, specs: list[EditSpec],
                  editor: Registered, options: Any, regs: Sequence[Reg], *, batch_size: int, seed: int,
                  stats: Any, chain: Chain | None, chosen: list[Chosen], schedule: Schedule,
-                 quiet: bool = True, use_cache: bool = True, previous: Sequence[EditSpec] = ()) -> dict[str, Any]:
+                 quiet: bool = True, use_cache: bool = True, previous: Sequence[EditSpec] = (),
+                 reg_in_loop: bool = False) -> dict[str, Any]:
     """Edit ``specs`` in consecutive batches on ``model`` (which ends edited).
 
     With ``chain`` each batch is written to the chain folder as it completes; the chain's diffs
@@ -115,7 +116,7 @@ def run_sequence(model: torch.nn.Module, tok: Any, source: ModelSource, specs: l
         data: dict[str, torch.Tensor] = {}
         d = compute_diff(model, tok, source, batch, editor, options, regs, seed=seed,
                          parents=[base.applied[-1].id] if base.applied else [], state=state, quiet=True,
-                         stats=base, base=base, step_data=data)
+                         stats=base, base=base, step_data=data, reg_in_loop=reg_in_loop)
         seconds = time.perf_counter() - t0
         diffmod.apply(model, d)
         base.applied.append(d)
@@ -151,7 +152,8 @@ def run_sequence(model: torch.nn.Module, tok: Any, source: ModelSource, specs: l
 
 
 def new_chain(path: Path, editor: Registered, options: Any, reg_texts: Sequence[str], seed: int, batch_size: int,
-              model_arg: str | None, source: ModelSource, spec_file: str, stats: dict[str, Any]) -> Chain:
+              model_arg: str | None, source: ModelSource, spec_file: str, stats: dict[str, Any],
+              reg_in_loop: bool = False) -> Chain:
     if (path / "chain.json").exists():
         raise InputError(f"{path}: already holds a chain; continue it with --continue {path}, or pick another --out")
     if path.exists() and any(path.iterdir()):
@@ -159,12 +161,13 @@ def new_chain(path: Path, editor: Registered, options: Any, reg_texts: Sequence[
     record = {"schema": CHAIN_SCHEMA, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "mode": "sequential", "editor": editor.name, "options": options.model_dump(mode="json"),
               "regularizers": list(reg_texts), "seed": seed, "batch_size": batch_size, "model": model_arg,
-              "base": source.to_json(), "spec_files": [spec_file], "stats": stats, "steps": []}
+              "base": source.to_json(), "spec_files": [spec_file], "stats": stats, "reg_in_loop": reg_in_loop, "steps": []}
     return Chain(path, record)  # written with its first step
 
 
 def remove_edits(model: torch.nn.Module, tok: Any, source: ModelSource, chain: Chain, ids: Sequence[str],
-                 editor: Registered, options: Any, regs: Sequence[Reg], stats: Any, quiet: bool = True) -> dict[str, Any]:
+                 editor: Registered, options: Any, regs: Sequence[Reg], stats: Any, quiet: bool = True,
+                 reg_in_loop: bool = False) -> dict[str, Any]:
     """Append to ``chain`` a step that takes the edits ``ids`` out, as if they had never been made
     (for editors that can, see :meth:`kedit.api.Editor.remove`). ``model`` is at the chain's base."""
     held = chain.spec_ids()
@@ -180,7 +183,7 @@ def remove_edits(model: torch.nn.Module, tok: Any, source: ModelSource, chain: C
     t0 = time.perf_counter()
     d = compute_diff(model, tok, source, [], editor, options, regs, seed=chain.record["seed"],
                      parents=[base.applied[-1].id], state=state, stats=base, base=base, remove=list(ids),
-                     steps=chain.step_data(), quiet=quiet)
+                     steps=chain.step_data(), quiet=quiet, reg_in_loop=reg_in_loop)
     diffmod.apply(model, d)
     base.applied.append(d)
     touched = sorted({n for x in base.applied for n in x.deltas})

@@ -35,7 +35,7 @@ def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, An
                 regs: Sequence[str] = (), model: str | None = None, out: str | os.PathLike | None = None,
                 seed: int = 0, quiet: bool = False, after: Sequence[str] = (), corpus: str | None = None,
                 stats_tokens: int | None = None, evaluators: Sequence[str] = (), data: Sequence[str] = (),
-                use_cache: bool = True) -> dict[str, Any]:
+                use_cache: bool = True, reg_in_loop: bool = False) -> dict[str, Any]:
     """Edit a model with a spec file, write the diff and report each spec before and after.
 
     ``after`` is a chain of diffs applied first; the new diff names the last of them as its
@@ -62,7 +62,7 @@ def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, An
 
     stats = KeyStats(corpus=corpus, n_tokens=stats_tokens, seed=seed, quiet=quiet)
     diff = compute_diff(lm, tok, source, specs, entry, opts, chain, seed=seed, quiet=quiet,
-                        parents=[prior[-1].id] if prior else [], stats=stats)
+                        parents=[prior[-1].id] if prior else [], stats=stats, reg_in_loop=reg_in_loop)
     diffmod.apply(lm, diff)
     rows = _rows(specs, before, probe_table(lm, tok, specs))
     diff.manifest["eval"] = {"protocol": "target-prob-v1 (exp mean log-prob, teacher forced, edit prompt only)",
@@ -84,7 +84,7 @@ def apply_sequence(spec_path: str | os.PathLike, editor: str | None, options: di
                    seed: int = 0, quiet: bool = False, batch_size: int | None = None, squash: bool = False,
                    continue_chain: str | os.PathLike | None = None, corpus: str | None = None,
                    stats_tokens: int | None = None, evaluators: Sequence[str] = (), data: Sequence[str] = (),
-                   eval_at: Sequence[str] = (), use_cache: bool = True) -> dict[str, Any]:
+                   eval_at: Sequence[str] = (), use_cache: bool = True, reg_in_loop: bool = False) -> dict[str, Any]:
     """Edit in consecutive batches (``--mode sequential``), writing a chain folder, or with
     ``squash`` one diff. ``continue_chain`` resumes a chain: its editor, options, regularizers,
     seed and batch size are reused, and specs it already holds are skipped, so re-running an
@@ -101,7 +101,7 @@ def apply_sequence(spec_path: str | os.PathLike, editor: str | None, options: di
         rec = chain.record
         if editor is not None and editor != rec["editor"]:
             raise InputError(f"--continue {chain.path}: the chain was made with {rec['editor']!r}, not {editor!r}")
-        if options or regs or (batch_size is not None and batch_size != rec["batch_size"]):
+        if options or regs or reg_in_loop or (batch_size is not None and batch_size != rec["batch_size"]):
             raise InputError(f"--continue {chain.path}: the chain's editor options, regularizers and batch size are "
                              "reused; do not pass -o, --reg or another --batch-size")
         if squash or out is not None:
@@ -109,6 +109,7 @@ def apply_sequence(spec_path: str | os.PathLike, editor: str | None, options: di
         editor, options, regs, seed, batch_size = (rec["editor"], rec["options"], rec["regularizers"], rec["seed"],
                                                    rec["batch_size"])
         model = model if model is not None else rec.get("model")
+        reg_in_loop = rec.get("reg_in_loop", False)
         corpus = corpus if corpus is not None else rec["stats"]["corpus"]
         stats_tokens = stats_tokens if stats_tokens is not None else rec["stats"]["n_tokens"]
     if editor is None:
@@ -137,10 +138,10 @@ def apply_sequence(spec_path: str | os.PathLike, editor: str | None, options: di
     if chain is None and not squash:
         folder = Path(out) if out else Path("checkpoints") / f"{spec_path.name.removesuffix('.jsonl')}-{editor}-seq"
         chain = new_chain(folder, entry, opts, list(regs), seed, batch_size, model, source, str(spec_path),
-                          {"corpus": corpus, "n_tokens": stats_tokens})
+                          {"corpus": corpus, "n_tokens": stats_tokens}, reg_in_loop)
     result = run_sequence(lm, tok, source, specs, entry, opts, chain_regs, batch_size=batch_size, seed=seed,
                           stats=stats, chain=chain, chosen=chosen, schedule=schedule, quiet=quiet,
-                          use_cache=use_cache, previous=previous)
+                          use_cache=use_cache, previous=previous, reg_in_loop=reg_in_loop)
     rows = _rows(specs, before, probe_table(lm, tok, specs))
     summary = {"mode": "sequential", "batch_size": batch_size, "editor": editor, "eval_at": schedule.describe(),
                "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows,
@@ -172,7 +173,8 @@ def remove_from_chain(chain_path: str | os.PathLike, ids: Sequence[str], model: 
     regs = resolve_regs(rec["regularizers"])
     lm, tok, source = load(model if model is not None else rec.get("model"), quiet=quiet)
     stats = KeyStats(corpus=rec["stats"]["corpus"], n_tokens=rec["stats"]["n_tokens"], seed=rec["seed"], quiet=quiet)
-    return remove_edits(lm, tok, source, chain, ids, entry, opts, regs, stats, quiet=quiet)
+    return remove_edits(lm, tok, source, chain, ids, entry, opts, regs, stats, quiet=quiet,
+                        reg_in_loop=rec.get("reg_in_loop", False))
 
 
 def _rows(specs: Sequence[EditSpec], before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -69,21 +69,33 @@ class Memit(Editor):
                                progress=context.progress)
         c0 = context.stats.second_moment(model, tokenizer, layers)
         key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
-        plain_rows = [fact_row(tokenizer, "{}", s, i, with_target=False) for i, s in enumerate(specs)]
         overrides: dict[str, torch.Tensor] = {}
-        deltas: dict[str, Any] = {}
         self.begin(model, tokenizer, specs, layers, c0, options, context)
+        deltas = self.spread(model, tokenizer, specs, templates, vals.z, layers, c0, options, context, overrides)
+        self.end(model, tokenizer, specs, layers, key_rows, overrides, context)
+        return deltas
+
+    def spread(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], templates: list[str],
+               z: torch.Tensor, layers: list[int], c0: dict[int, torch.Tensor], options: Any, context: EditContext,
+               overrides: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One MEMIT pass: layer by layer, keys and the residual Z − H_L on the model as edited so
+        far (``overrides``, updated), the residual's share for the layer, and :meth:`solve`."""
+        arch, last = context.arch, layers[-1]
+        key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
+        plain_rows = [fact_row(tokenizer, "{}", s, i, with_target=False) for i, s in enumerate(specs)]
+        deltas: dict[str, Any] = {}
         for i, layer in enumerate(layers):
             acts = capture.at_lookup(model, tokenizer, arch, key_rows, key_layers=[layer], overrides=overrides)
             keys = capture.average_by_request(acts[("key", layer)], key_rows, len(specs)).T  # (d_k, n)
             h = capture.at_lookup(model, tokenizer, arch, plain_rows, block_layers=[last], overrides=overrides)
-            residual = (vals.z - h[("block", last)]).T / (len(layers) - i)  # (d, n)
+            residual = (z - h[("block", last)]).T / (len(layers) - i)  # (d, n)
             u, v = self.solve(layer, residual, keys, c0[layer], options)
             pname = arch.mlp_out_weight(layer)
             deltas[pname] = stored_lowrank(arch, u, v)
-            w0 = model.get_parameter(pname).detach()
-            overrides[pname] = w0 + to_dense(deltas[pname]).to(w0.device, w0.dtype)
-        self.end(model, tokenizer, specs, layers, key_rows, overrides, context)
+            if context.regularize is not None:  # --reg-in-loop: later layers make up for what it removes
+                deltas[pname] = context.regularize(pname, deltas[pname])
+            w = overrides.get(pname, model.get_parameter(pname).detach())
+            overrides[pname] = w + to_dense(deltas[pname]).to(w.device, w.dtype)
         return deltas
 
     def begin(self, model, tokenizer, specs, layers, c0, options, context) -> None:

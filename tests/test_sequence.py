@@ -31,13 +31,14 @@ def env(tmp_path, monkeypatch, tiny_dirs):
     return {"tmp": tmp_path, "model": str(tiny_dirs["llama"]), "corpus": str(corpus)}
 
 
-def _run(env, idx, out, editor="memit", batch_size=2, name="specs", **kw):
+def _run(env, idx, out, editor="memit", batch_size=2, name="specs", options=None, **kw):
     from kedit.workflows import apply_sequence
 
     spec = write_jsonl(env["tmp"] / f"{name}.jsonl", _specs(idx))
     if kw.get("continue_chain"):
         return apply_sequence(spec, None, model=env["model"], quiet=True, **kw)
-    return apply_sequence(spec, editor, dict(FAST), model=env["model"], out=out, batch_size=batch_size,
+    options = {**FAST, **({"alpha": 0.0} if editor == "nse" else {}), **(options or {})}
+    return apply_sequence(spec, editor, options, model=env["model"], out=out, batch_size=batch_size,
                           corpus=env["corpus"], stats_tokens=1500, quiet=True, **kw)
 
 
@@ -85,7 +86,7 @@ def test_sequential_batch_of_all_equals_batch_mode(env):
         assert a.manifest["entries"][n]["post_sha256"] == b.manifest["entries"][n]["post_sha256"]
 
 
-@pytest.mark.parametrize("editor", ["d4s", "alphaedit", "memit"])
+@pytest.mark.parametrize("editor", ["d4s", "alphaedit", "nse", "memit"])
 def test_continue_in_a_new_call_gives_identical_results(env, editor):
     from kedit.sequence import Chain
 
@@ -190,3 +191,44 @@ def test_sequence_cli_paths_and_errors(env, run_cli):
     code, _, err = run_cli("apply", spec, "--plugin", "memit", "--mode", "sequential", "--eval-at", "sometimes",
                            "--model", env["model"])
     assert code == 2 and "immediate, final or every:N" in err
+
+
+def test_nse_updates_only_the_selected_key_dimensions(env):
+    from kedit.arch import arch_for
+    from kedit.delta import to_dense
+    from kedit.models import load
+    from kedit.sequence import Chain
+
+    res = _run(env, [0, 1], env["tmp"] / "n", editor="nse", options={"neuron_threshold": 0.5})
+    model, _, _ = load(env["model"], quiet=True)
+    arch = arch_for(model)
+    (d,) = Chain.open(res["chain"]).diffs()
+    for name, delta in d.deltas.items():
+        dw = arch.to_out_in(to_dense(delta, torch.float64))  # (d_out, d_k)
+        used = int((dw.abs().sum(dim=0) > 0).sum())
+        assert 0 < used < dw.shape[1] * 0.75, (name, used)  # half of Σ|K| needs well under all columns
+    assert set(Chain.open(res["chain"]).state()) == {"nse.kk.1", "nse.kk.2"}
+
+
+def test_rect_in_the_loop_masks_each_layer_before_the_next_is_solved(env):
+    from kedit.delta import to_dense
+    from kedit.editing import compute_diff, resolve_editor, resolve_regs
+    from kedit.models import load
+    from kedit.spec import EditSpec
+    from kedit.stats import KeyStats
+
+    model, tok, source = load(env["model"], quiet=True)
+    specs = [EditSpec(**s) for s in _specs([0, 1])]
+    editor, opts = resolve_editor("memit", dict(FAST))
+    stats = KeyStats(corpus=env["corpus"], n_tokens=1500)
+    runs = {flag: compute_diff(model, tok, source, specs, editor, opts, resolve_regs(["rect:0.4"]), stats=stats,
+                               reg_in_loop=flag) for flag in (False, True)}
+    first, second = sorted(runs[True].deltas)
+    assert runs[True].manifest["regularized_in_loop"] == [first, second]
+    assert "regularized_in_loop" not in runs[False].manifest
+    for d in runs.values():
+        for name, delta in d.deltas.items():
+            assert int((to_dense(delta) != 0).sum()) == round(0.4 * to_dense(delta).numel())  # exact fraction
+    # the first layer is solved before anything was masked: the same; the second sees the mask
+    assert torch.equal(to_dense(runs[True].deltas[first]), to_dense(runs[False].deltas[first]))
+    assert not torch.equal(to_dense(runs[True].deltas[second]), to_dense(runs[False].deltas[second]))
