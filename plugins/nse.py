@@ -4,7 +4,10 @@ three changes (algorithms.md §1.6):
 - *weights rewinding*: every edit's target z is optimised on the sequence's original model;
 - *iterative editing*: up to ``max_iterations`` rounds, each re-editing only the requests whose
   hidden state is still far from z (``alpha`` < ‖z − h‖ < ``upper_bound``); as in the reference,
-  the last round only checks, so at most ``max_iterations − 1`` rounds edit;
+  the last round only checks, so at most ``max_iterations − 1`` rounds edit. The reference's
+  absolute bounds (2.5 and 50 for Llama-3-8B) do not transfer: on SmolLM2 ‖z − h‖ starts near
+  120, above any edit's upper bound. By default alpha is relative (``alpha_rel`` × the request's
+  distance before the batch) and there is no upper bound; set both to reproduce the reference;
 - *neuron selection*: per layer only the key dimensions (columns of W) with the largest
   Σ|K| covering ``neuron_threshold`` of the total are updated, solving
   ΔW[:, S] = R K_Sᵀ (λ C0[S,S] + Cp[S,S] + K_S K_Sᵀ)⁻¹ with Cp the K Kᵀ of earlier batches
@@ -28,8 +31,12 @@ from kedit.spec import EditSpec
 
 
 class NSEOptions(MemitOptions):
-    alpha: float = Field(2.5, ge=0, description="a request is (re-)edited only while ‖z − h‖ is above this")
-    upper_bound: float = Field(50.0, gt=0, description="... and below this (the reference's outlier guard)")
+    alpha: float | None = Field(None, ge=0, description="a request is (re-)edited only while ‖z − h‖ is above this; "
+                                                        "default: alpha_rel × its distance before the batch")
+    alpha_rel: float = Field(0.1, gt=0, lt=1, description="alpha relative to each request's first ‖z − h‖ (used "
+                                                          "when alpha is unset)")
+    upper_bound: float | None = Field(None, gt=0, description="... and below this (the reference's outlier guard; "
+                                                              "default: none)")
     neuron_threshold: float = Field(1.0, gt=0, le=1, description="share of Σ|K| the selected key dimensions cover "
                                                                  "(1.0: all; the reference's GPT-J value is 0.8)")
     max_iterations: int = Field(3, ge=2, description="rounds, the last of which only checks")
@@ -57,10 +64,14 @@ class NSE(Memit):
         overrides: dict[str, torch.Tensor] = {}
         deltas: dict[str, Any] = {}
         self.rounds: list[int] = []
+        lower = upper = None
         for m in range(options.max_iterations):
             h = capture.at_lookup(model, tokenizer, arch, plain_rows, block_layers=[last], overrides=overrides)
             dist = (vals.z - h[("block", last)]).norm(dim=1)
-            todo = [j for j in range(len(specs)) if options.alpha < float(dist[j]) < options.upper_bound]
+            if lower is None:
+                lower = dist * options.alpha_rel if options.alpha is None else torch.full_like(dist, options.alpha)
+                upper = torch.full_like(dist, float("inf") if options.upper_bound is None else options.upper_bound)
+            todo = [j for j in range(len(specs)) if float(lower[j]) < float(dist[j]) < float(upper[j])]
             if not todo or m == options.max_iterations - 1:
                 break
             self.rounds.append(len(todo))

@@ -37,7 +37,7 @@ def _run(env, idx, out, editor="memit", batch_size=2, name="specs", options=None
     spec = write_jsonl(env["tmp"] / f"{name}.jsonl", _specs(idx))
     if kw.get("continue_chain"):
         return apply_sequence(spec, None, model=env["model"], quiet=True, **kw)
-    options = {**FAST, **({"alpha": 0.0} if editor == "nse" else {}), **(options or {})}
+    options = {**FAST, **(options or {})}
     return apply_sequence(spec, editor, options, model=env["model"], out=out, batch_size=batch_size,
                           corpus=env["corpus"], stats_tokens=1500, quiet=True, **kw)
 
