@@ -81,6 +81,9 @@ def plots(results: list[dict], folder: Path) -> list[Path]:
                      label=f"{r['method']} ({r['steps'][-1]['edits']} edits)")
     axes[0].set(xlabel="edits", ylabel="mean |ΔW| over the edited layers", title="Weight change against edits")
     axes[1].set(xlabel="layer", ylabel="mean |ΔW|", title="Per layer, after the last batch")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.set_yscale("log")
         ax.legend()
@@ -95,9 +98,10 @@ def plots(results: list[dict], folder: Path) -> list[Path]:
             pts = sorted((p for p in r["evaluation"] if p["at"] in ("every", "final")), key=lambda p: p["edits"])
             pts = list({p["edits"]: p for p in pts}.values())
             ax.plot([p["edits"] for p in pts], [p["metrics"]["counterfact"][k] for p in pts], marker="o", label=r["method"])
-        base = [p for r in results for p in r["evaluation"]][:1]
-        if base:
-            ax.axhline(base[0]["base"]["counterfact"][k], color="grey", ls="--", lw=1, label="unedited")
+        whole = [p for r in results for p in r["evaluation"] if p["at"] in ("every", "final")]
+        if whole:  # the unedited model on the most specs any point evaluated
+            ref = max(whole, key=lambda p: p["edits"])
+            ax.axhline(ref["base"]["counterfact"][k], color="grey", ls="--", lw=1, label=f"unedited ({ref['edits']} specs)")
         ax.set(xlabel="edits (all edits so far evaluated)", title=k, ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0].legend()
