@@ -51,7 +51,7 @@ def tables(results: list[dict]) -> str:
     for r in results:
         last = r["steps"][-1]
         drift = list(last["drift"].values())
-        final = [p for p in r["evaluation"] if p["at"] in ("final", "every")][-1]
+        final = ([p for p in r["evaluation"] if p["at"] in ("final", "every")] or r["evaluation"])[-1]
         m, b = final["metrics"]["counterfact"], final["base"]["counterfact"]
         gap = (r.get("forgetting") or {}).get("counterfact.ES", {}).get("gap")
         secs = sum(s["seconds"] for s in r["steps"]) / len(r["steps"])
@@ -141,8 +141,10 @@ def main() -> None:
             if not (chain_dir / "chain.json").is_file():
                 continue
             rec = Chain.open(chain_dir).record
+            # a run cut off mid-sequence has its points only in its steps
+            points = rec.get("evaluation") or [p for s in rec["steps"] for p in s.get("eval", [])]
             results.append({"method": method, "batch_size": rec["batch_size"], "steps": rec["steps"],
-                            "evaluation": rec.get("evaluation", []), "forgetting": rec.get("forgetting")})
+                            "evaluation": points, "forgetting": rec.get("forgetting")})
         else:
             results.append(run_method(method, spec_file, work, args))
         results = [r for r in results if r["steps"]]
