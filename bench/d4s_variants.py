@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from lte import DATA, ROOT  # lte sets THP before it imports torch
+from lte import ROOT  # lte sets THP before it imports torch
 
 
 def main() -> None:
@@ -85,5 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _ = DATA
     main()

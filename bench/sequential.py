@@ -55,10 +55,10 @@ def tables(results: list[dict]) -> str:
         m, b = final["metrics"]["counterfact"], final["base"]["counterfact"]
         gap = (r.get("forgetting") or {}).get("counterfact.ES", {}).get("gap")
         secs = sum(s["seconds"] for s in r["steps"]) / len(r["steps"])
-        mean = lambda k: sum(x[k] for x in drift) / len(drift)  # noqa: E731
+        mean = {k: sum(x[k] for x in drift) / len(drift) for k in drift[0]}
         lines.append(f"| {r['method']} | {final['edits']} | {m['ES']:.3f} | {m['PS']:.3f} | {m['NS']:.3f} | {b['NS']:.3f} | "
-                     f"{'-' if gap is None else f'{gap:+.3f}'} | {mean('mean_abs_dw'):.3e} | {mean('mean_abs_w'):.5f} | "
-                     f"{mean('share_rel_gt_0.077'):.3f} | {secs:.0f} |")
+                     f"{'-' if gap is None else f'{gap:+.3f}'} | {mean['mean_abs_dw']:.3e} | {mean['mean_abs_w']:.5f} | "
+                     f"{mean['share_rel_gt_0.077']:.3f} | {secs:.0f} |")
     return "\n".join(lines)
 
 

@@ -93,19 +93,16 @@ def run_sequence(model: torch.nn.Module, tok: Any, source: ModelSource, specs: l
                  editor: Registered, options: Any, regs: Sequence[Reg], *, batch_size: int, seed: int,
                  stats: Any, chain: Chain | None, chosen: list[Chosen], schedule: Schedule,
                  quiet: bool = True, use_cache: bool = True, previous: Sequence[EditSpec] = (),
-                 reg_in_loop: bool = False) -> dict[str, Any]:
+                 reg_in_loop: bool = False, applied: Sequence[diffmod.Diff] = ()) -> dict[str, Any]:
     """Edit ``specs`` in consecutive batches on ``model`` (which ends edited).
 
-    With ``chain`` each batch is written to the chain folder as it completes; the chain's diffs
-    must already be applied to ``model`` and listed in its record (``--continue``), and
-    ``previous`` are their specs. Returns the steps, evaluations and forgetting; the applied
+    With ``chain`` each batch is written to the chain folder as it completes. ``applied`` are the
+    chain's diffs, already applied to ``model`` (``--continue``), and ``previous`` their specs. Returns the steps, evaluations and forgetting; the applied
     diffs are in the returned ``"diffs"`` (for squashing).
     """
     base = SequenceBase(model, stats)
-    state: dict[str, torch.Tensor] = {}
-    if chain is not None and chain.steps:
-        base.applied = chain.diffs()
-        state = chain.state()
+    base.applied = list(applied)
+    state: dict[str, torch.Tensor] = chain.state() if chain is not None and chain.steps else {}
     in_effect = list(previous)
     touched = {n for d in base.applied for n in d.deltas}
     batches = [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]

@@ -126,11 +126,12 @@ def apply_sequence(spec_path: str | os.PathLike, editor: str | None, options: di
     chosen = resolve_evaluators(evaluators, data) if evaluators else []
     lm, tok, source = load(model, quiet=quiet)
     previous: list[EditSpec] = []
+    applied = chain.diffs() if chain is not None else []
+    for d in applied:
+        diffmod.apply(lm, d)
     if chain is not None:
-        for d in chain.diffs():
-            diffmod.apply(lm, d)
         held = set(chain.spec_ids())
-        previous = [s for s in specs_from_diffs(chain.diffs()) if s.id in held]
+        previous = [s for s in specs_from_diffs(applied) if s.id in held]
         seen = {i for s in chain.steps for i in s.get("specs", [])}
         specs = [s for s in specs if s.id not in seen]
     before = probe_table(lm, tok, specs)
@@ -141,7 +142,7 @@ def apply_sequence(spec_path: str | os.PathLike, editor: str | None, options: di
                           {"corpus": corpus, "n_tokens": stats_tokens}, reg_in_loop)
     result = run_sequence(lm, tok, source, specs, entry, opts, chain_regs, batch_size=batch_size, seed=seed,
                           stats=stats, chain=chain, chosen=chosen, schedule=schedule, quiet=quiet,
-                          use_cache=use_cache, previous=previous, reg_in_loop=reg_in_loop)
+                          use_cache=use_cache, previous=previous, reg_in_loop=reg_in_loop, applied=applied)
     rows = _rows(specs, before, probe_table(lm, tok, specs))
     summary = {"mode": "sequential", "batch_size": batch_size, "editor": editor, "eval_at": schedule.describe(),
                "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows,

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from kedit_plugins.lte import capture, values
-from kedit_plugins.lte.prompts import context_templates, fact_row
+from kedit_plugins.lte import capture
+from kedit_plugins.lte.prompts import fact_row
 from kedit_plugins.lte.solve import spd_solve
 from kedit_plugins.memit import Memit, MemitOptions
 from pydantic import Field
@@ -47,10 +47,8 @@ class D4S(Memit):
         options = self.resolve(options, model)
         layers = options.layers
         last = layers[-1]
+        templates, vals = self.targets(model, tokenizer, specs, options, context, from_base=True)
         with context.at_base():
-            templates = context_templates(model, tokenizer, [(10, 5)], seed=context.seed)
-            vals = values.optimize(model, tokenizer, arch, specs, templates, "block", last, options,
-                                   progress=context.progress)
             key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
             plain_rows = [fact_row(tokenizer, "{}", s, i, with_target=False) for i, s in enumerate(specs)]
             acts = capture.at_lookup(model, tokenizer, arch, key_rows, key_layers=layers)

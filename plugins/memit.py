@@ -7,6 +7,7 @@ EMMET reuse everything here and change only :meth:`Memit.solve`.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -59,14 +60,9 @@ class Memit(Editor):
 
     def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
              context: EditContext) -> dict[str, Any]:
-        arch = context.arch
         options = self.resolve(options, model)
         layers = options.layers
-        last = layers[-1]
-        with context.at_base():  # a sequence keeps its base model's templates, in any process
-            templates = context_templates(model, tokenizer, [(10, 5)], seed=context.seed)
-        vals = values.optimize(model, tokenizer, arch, specs, templates, "block", last, options,
-                               progress=context.progress)
+        templates, vals = self.targets(model, tokenizer, specs, options, context)
         c0 = context.stats.second_moment(model, tokenizer, layers)
         key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
         overrides: dict[str, torch.Tensor] = {}
@@ -74,6 +70,18 @@ class Memit(Editor):
         deltas = self.spread(model, tokenizer, specs, templates, vals.z, layers, c0, options, context, overrides)
         self.end(model, tokenizer, specs, layers, key_rows, overrides, context)
         return deltas
+
+    def targets(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
+                context: EditContext, from_base: bool = False) -> tuple[list[str], values.Values]:
+        """Context templates (always the sequence base's, so a sequence keeps them in any process)
+        and z at the last edited layer, on the live model or, ``from_base``, on the sequence's
+        original one (D4S, NSE)."""
+        with context.at_base():
+            templates = context_templates(model, tokenizer, [(10, 5)], seed=context.seed)
+        with context.at_base() if from_base else contextlib.nullcontext():
+            vals = values.optimize(model, tokenizer, context.arch, specs, templates, "block", options.layers[-1],
+                                   options, progress=context.progress)
+        return templates, vals
 
     def spread(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], templates: list[str],
                z: torch.Tensor, layers: list[int], c0: dict[int, torch.Tensor], options: Any, context: EditContext,

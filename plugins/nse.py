@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from kedit_plugins.lte import capture, values
-from kedit_plugins.lte.prompts import context_templates, fact_row
+from kedit_plugins.lte import capture
+from kedit_plugins.lte.prompts import fact_row
 from kedit_plugins.lte.solve import spd_solve
 from kedit_plugins.memit import Memit, MemitOptions
 from pydantic import Field
@@ -53,10 +53,7 @@ class NSE(Memit):
         arch = context.arch
         options = self.resolve(options, model)
         layers, last = options.layers, options.layers[-1]
-        with context.at_base():  # weights rewinding: z from the original model
-            templates = context_templates(model, tokenizer, [(10, 5)], seed=context.seed)
-            vals = values.optimize(model, tokenizer, arch, specs, templates, "block", last, options,
-                                   progress=context.progress)
+        templates, vals = self.targets(model, tokenizer, specs, options, context, from_base=True)  # weights rewinding
         c0 = context.stats.second_moment(model, tokenizer, layers)
         state = context.state if context.state is not None else {}
         self._prior = {l: state.get(f"nse.kk.{l}") for l in layers}
