@@ -27,28 +27,30 @@ def main() -> None:
 
     from kedit import delta as D
     from kedit import diff as diffmod
+    from kedit.config import EditJob, RunConfig
     from kedit.models import load
-    from kedit.workflows import apply_specs
+    from kedit.workflows import apply
 
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         os.environ["KEDIT_CACHE_DIR"] = cache
-        _, first = timed(lambda: load(None, quiet=True))
-        _, cached = timed(lambda: load(None, quiet=True))
+        _, first = timed(lambda: load(None))
+        _, cached = timed(lambda: load(None))
         rows += [("model load, first (dequantize GGUF + write fp32 cache)", f"{first:.1f} s"),
                  ("model load, cached fp32 safetensors", f"{cached:.2f} s")]
         with tempfile.TemporaryDirectory() as out:
-            res, secs = timed(lambda: apply_specs(ROOT / "specs" / "facts.jsonl", "ft", model=None,
-                                                  out=Path(out) / f"ft{diffmod.SUFFIX}", quiet=True))
+            config = RunConfig(quiet=True)
+            res, secs = timed(lambda: apply(EditJob(ROOT / "specs" / "facts.jsonl", "ft",
+                                                    out=Path(out) / f"ft{diffmod.SUFFIX}"), config))
             rows += [(f"`ft` on specs/facts.jsonl ({res['count']} specs), incl. load and before/after scoring",
                       f"{secs:.1f} s"),
                      ("facts changed (P(new) > P(old) after)", f"{res['changed']}/{res['count']}"),
                      ("diff size, dense (ft, one 576×1536 matrix)", f"{res['bytes'] / 1024:.0f} KiB")]
-            res, _ = timed(lambda: apply_specs(ROOT / "specs" / "facts.jsonl", "ft", regs=["rect:0.4"],
-                                               out=Path(out) / f"rect{diffmod.SUFFIX}", quiet=True))
+            res, _ = timed(lambda: apply(EditJob(ROOT / "specs" / "facts.jsonl", "ft", regs=("rect:0.4",),
+                                                 out=Path(out) / f"rect{diffmod.SUFFIX}"), config))
             rows += [("diff size, sparse (ft + rect:0.4)", f"{res['bytes'] / 1024:.0f} KiB"),
                      ("facts changed with rect:0.4", f"{res['changed']}/{res['count']}")]
-            model, _, _ = load(None, quiet=True)
+            model, _, _ = load(None)
             name = "model.layers.10.mlp.down_proj.weight"
             w = model.get_parameter(name).detach()
             g = torch.Generator().manual_seed(0)

@@ -39,9 +39,10 @@ def main() -> None:
     layers = rec["options"]["layers"] or [4, 5, 6, 7, 8]
     state = chain.state()
     specs = specs_from_diffs(chain.diffs())
-    model, tok, _ = load(rec.get("model"), quiet=True)
+    model, tok, _ = load(rec.get("model"))
     arch = arch_for(model)
-    stats = KeyStats(corpus=rec["stats"]["corpus"], n_tokens=rec["stats"]["n_tokens"], seed=rec["seed"], quiet=True)
+    # chains from before the built-in corpus recorded no corpus for model-sampled text
+    stats = KeyStats(corpus=rec["stats"]["corpus"] or "sampled", n_tokens=rec["stats"]["n_tokens"], seed=rec["seed"])
     c0 = stats.second_moment(model, tok, layers)
     base = {l: model.get_parameter(arch.mlp_out_weight(l)).detach().clone() for l in layers}
     chosen = resolve_evaluators(["counterfact"])

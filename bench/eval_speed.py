@@ -31,7 +31,7 @@ def main() -> None:
     from kedit.evaluate import Evaluation, resolve_evaluators
     from kedit.models import load
 
-    model, tok, _ = load(None, quiet=True)
+    model, tok, _ = load(None)
     specs = cases(args.n)
     groups = [("counterfact + token-acc", ["counterfact,token-acc"]),
               ("glue (8 sets)", [f"glue:data={DATA / 'glue'},sample={args.sample}"]),

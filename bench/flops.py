@@ -47,7 +47,7 @@ def main() -> None:
     from kedit.arch import arch_for
     from kedit.models import load
 
-    model, tok, _ = load(None, quiet=True)
+    model, tok, _ = load(None)
     arch = arch_for(model)
     n = 1 if args.method == "rome" else args.n
     specs = cases(n)

@@ -39,17 +39,18 @@ def cases(n: int):
     return specs[:n]
 
 
-def single_edits(model, tok, source, specs, editor, opts, stats) -> tuple[dict[str, float], float]:
+def single_edits(loaded, specs, plan) -> tuple[dict[str, float], float]:
     """Each spec edited alone on the unedited model: mean ES/PS/NS and the median seconds per edit."""
     from kedit_plugins.edit_metrics import counterfact_scores
 
     from kedit import diff as diffmod
     from kedit.editing import compute_diff
 
+    model, tok, _ = loaded
     per, times = [], []
     for spec in specs:
         t = time.perf_counter()
-        d = compute_diff(model, tok, source, [spec], editor, opts, stats=stats)
+        d = compute_diff(loaded, [spec], plan)
         times.append(time.perf_counter() - t)
         diffmod.apply(model, d)
         per.append(counterfact_scores(model, tok, [spec]))
@@ -70,17 +71,17 @@ def main() -> None:
     from kedit_plugins.edit_metrics import counterfact_scores
 
     from kedit import diff as diffmod
-    from kedit.editing import compute_diff, resolve_editor
-    from kedit.models import load
+    from kedit.config import RunConfig, StatsConfig
+    from kedit.editing import EditPlan, compute_diff
     from kedit.options import parse_pairs
     from kedit.scoring import perplexity
-    from kedit.stats import KeyStats
 
-    model, tok, source = load(None, quiet=True)
+    config = RunConfig(stats=StatsConfig(str(DATA / "wikitext2" / "wiki.test.raw"), args.stats_tokens, 256))
+    loaded = config.load()
+    model, tok, _ = loaded
     specs = cases(args.n)
     text = (DATA / "wikitext2" / "wiki.test.raw").read_text()[:20_000]
-    stats = KeyStats(corpus=str(DATA / "wikitext2" / "wiki.test.raw"), n_tokens=args.stats_tokens, max_len=256,
-                     quiet=False)
+    stats = config.stats_provider()
     t = time.perf_counter()
     base_scores = counterfact_scores(model, tok, specs)
     base_ppl = perplexity(model, tok, text)
@@ -89,19 +90,19 @@ def main() -> None:
     print(f"unedited scored in {time.perf_counter() - t:.1f}s: {base_scores}, ppl {base_ppl:.3f}", file=sys.stderr)
     extra = parse_pairs(args.option)
     for method in args.methods.split(","):
-        editor, opts = resolve_editor(method, {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith(method + ".")})
-        resolved = editor.obj().resolve(opts, model)
-        layers = getattr(resolved, "layers", None) or [resolved.layer]
+        plan = EditPlan.make(model, method, {k.split(".", 1)[1]: v for k, v in extra.items()
+                                             if k.startswith(method + ".")}, seed=config.seed, stats=stats)
+        layers = getattr(plan.options, "layers", None) or [plan.options.layer]
         t = time.perf_counter()
         stats.second_moment(model, tok, layers)
         stats_s = time.perf_counter() - t
         if method == "rome":
-            scores, sec = single_edits(model, tok, source, specs[: args.rome_n or len(specs)], editor, opts, stats)
+            scores, sec = single_edits(loaded, specs[: args.rome_n or len(specs)], plan)
             ppl = float("nan")
             label = "rome (single edits, median s)"
         else:
             t = time.perf_counter()
-            d = compute_diff(model, tok, source, specs, editor, opts, stats=stats)
+            d = compute_diff(loaded, specs, plan)
             sec = (time.perf_counter() - t) / len(specs)
             diffmod.apply(model, d)
             scores = counterfact_scores(model, tok, specs)

@@ -29,25 +29,27 @@ def main() -> None:
 
     from kedit import diff as diffmod
     from kedit.atomic import atomic_write_text
-    from kedit.editing import compute_diff, regularize_diff, resolve_editor, resolve_regs
+    from kedit.config import RunConfig, StatsConfig
+    from kedit.editing import EditPlan, compute_diff, regularize_diff, resolve_regs
     from kedit.evaluate import Evaluation, resolve_evaluators
-    from kedit.models import load
-    from kedit.stats import KeyStats
 
-    model, tok, source = load(None, quiet=True)
+    config = RunConfig(stats=StatsConfig(str(DATA / "wikitext2" / "wiki.test.raw"), args.stats_tokens), quiet=True)
+    loaded = config.load()
+    model, tok, _ = loaded
     specs = cases(args.n)
-    stats = KeyStats(corpus=str(DATA / "wikitext2" / "wiki.test.raw"), n_tokens=args.stats_tokens, quiet=True)
-    editor, opts = resolve_editor("memit", {})
+    stats = config.stats_provider()
+    plan = EditPlan.make(model, "memit", {}, seed=config.seed, stats=stats)
     rect = resolve_regs([f"rect:{args.k}"])
     chosen = resolve_evaluators(["counterfact", f"perplexity:data={DATA / 'wikitext2' / 'wiki.test.raw'},"
                                                  f"max_tokens={args.ppl_tokens}"])
     t = time.perf_counter()
-    plain = compute_diff(model, tok, source, specs, editor, opts, stats=stats)
+    plain = compute_diff(loaded, specs, plan)
     runs = {"memit": (plain, time.perf_counter() - t),
             f"memit + rect:{args.k} (after the solve)": (regularize_diff(model, plain, rect), 0.0)}
     t = time.perf_counter()
     runs[f"memit + rect:{args.k} (in the layer loop)"] = (
-        compute_diff(model, tok, source, specs, editor, opts, rect, stats=stats, reg_in_loop=True), time.perf_counter() - t)
+        compute_diff(loaded, specs, EditPlan.make(model, "memit", {}, [f"rect:{args.k}"], True, stats=stats)),
+        time.perf_counter() - t)
     rows = []
     for label, (d, secs) in runs.items():
         ev = Evaluation(chosen, specs)

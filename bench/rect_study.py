@@ -43,40 +43,22 @@ def main() -> None:
 
     from kedit import diff as diffmod
     from kedit.atomic import atomic_write_text
-    from kedit.editing import compute_diff, regularize_diff, resolve_editor, resolve_regs
+    from kedit.config import RunConfig, StatsConfig
+    from kedit.editing import EditPlan, compute_diff, regularize_diff, resolve_regs
     from kedit.evaluate import Evaluation, resolve_evaluators
-    from kedit.models import load
-    from kedit.stats import KeyStats
+    from kedit.sequence import BaseStats, SequenceBase
 
     checkpoints = [int(x) for x in args.checkpoints.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
-    model, tok, source = load(None, quiet=True)
+    config = RunConfig(stats=StatsConfig(str(DATA / "wikitext2" / "wiki.test.raw"), args.stats_tokens, 256), quiet=True)
+    loaded = config.load()
+    model, tok, _ = loaded
     specs = cases(max(checkpoints + batches))
-    stats = KeyStats(corpus=str(DATA / "wikitext2" / "wiki.test.raw"), n_tokens=args.stats_tokens, max_len=256,
-                     quiet=True)
+    stats = config.stats_provider()
     glue = f"glue:data={DATA / 'glue'},sample={args.sample}"
-
-    class SequenceBaseStats:
-        """The key statistics of the unedited model for every edit of a sequence, as sequential
-        MEMIT/AlphaEdit do: the cache is keyed by the layers' weights, so asking the edited model
-        would recompute C0 (about 200 s) after every edit."""
-
-        used = True
-
-        def __init__(self, inner):
-            self.inner, self.memo = inner, {}
-
-        def second_moment(self, _model, tokenizer, layers):
-            missing = [x for x in layers if x not in self.memo]
-            if missing:
-                self.memo.update(self.inner.second_moment(base_model, tokenizer, missing))
-            return {x: self.memo[x] for x in layers}
-
-        def record(self):
-            return {**self.inner.record(), "model": "unedited base of the sequence"}
-
-    base_model = model
-    seq_stats = SequenceBaseStats(stats)
+    # Every edit of a sequence uses the unedited model's key statistics, as sequential MEMIT and
+    # AlphaEdit do (the first call happens before any edit; the cache is keyed by the weights).
+    seq_stats = BaseStats(stats, SequenceBase(model))
     out_path = Path(args.out)
     runs: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.is_file() else []
 
@@ -118,11 +100,11 @@ def main() -> None:
 
     for part in [p for p in args.parts.split(",") if p]:
         if part == "batch":
-            editor, opts = resolve_editor("memit", {})
+            plan = EditPlan.make(model, "memit", {}, seed=config.seed, stats=stats)
             rect = resolve_regs([f"rect:{args.rect}"])
             for n in batches:
                 t = time.perf_counter()
-                plain = compute_diff(model, tok, source, specs[:n], editor, opts, stats=stats)
+                plain = compute_diff(loaded, specs[:n], plan)
                 sec = time.perf_counter() - t
                 regularized = regularize_diff(model, plain, rect)
                 for name, d in [("memit", plain), (f"memit+rect:{args.rect}", regularized)]:
@@ -132,14 +114,13 @@ def main() -> None:
                                                              "edit_seconds": sec})
         elif part.startswith("seq-"):
             method = part[4:]
-            editor, opts = resolve_editor(method, {})
             for regs in ([], [f"rect:{args.rect}"]):
-                chain = resolve_regs(regs)
+                plan = EditPlan.make(model, method, {}, regs, seed=config.seed, stats=seq_stats)
                 label = f"{method}{'+' + regs[0] if regs else ''} sequential"
                 curve, diffs, t_edit = [], [], 0.0
                 for i, spec in enumerate(specs[: max(checkpoints)], start=1):
                     t = time.perf_counter()
-                    d = compute_diff(model, tok, source, [spec], editor, opts, chain, stats=seq_stats)
+                    d = compute_diff(loaded, [spec], plan)
                     t_edit += time.perf_counter() - t
                     diffmod.apply(model, d)
                     diffs.append(d)

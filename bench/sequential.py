@@ -22,19 +22,21 @@ from lte import DATA, ROOT, cases  # lte sets THP before it imports torch
 
 
 def run_method(method: str, spec_file: Path, work: Path, args) -> dict:
+    from kedit.config import EditJob, RunConfig, StatsConfig
     from kedit.sequence import Chain
-    from kedit.workflows import apply_sequence
+    from kedit.workflows import apply
 
     chain_dir = work / method.replace(":", "-").replace("+", "_")
     corpus = str(DATA / "wikitext2" / "wiki.test.raw")
     editor, _, reg = method.partition("+")
     t0 = time.perf_counter()
-    common = dict(quiet=True, evaluators=["counterfact"], eval_at=["immediate", f"every:{args.every}", "final"])
+    config = RunConfig(stats=StatsConfig(corpus, args.stats_tokens), evaluators=("counterfact",), quiet=True)
+    eval_at = ("immediate", f"every:{args.every}", "final")
     if (chain_dir / "chain.json").is_file():
-        apply_sequence(spec_file, None, continue_chain=chain_dir, **common)
+        apply(EditJob(spec_file, continue_chain=str(chain_dir), eval_at=eval_at), config)
     else:
-        apply_sequence(spec_file, editor, regs=[reg] if reg else [], out=chain_dir, batch_size=args.batch,
-                       corpus=corpus, stats_tokens=args.stats_tokens, **common)
+        apply(EditJob(spec_file, editor, regs=(reg,) if reg else (), mode="sequential", out=str(chain_dir),
+                      batch_size=args.batch, eval_at=eval_at), config)
     rec = Chain.open(chain_dir).record
     print(f"{method}: {len(rec['steps'])} batches in {time.perf_counter() - t0:.0f}s this run", file=sys.stderr, flush=True)
     return {"method": method, "batch_size": rec["batch_size"], "steps": rec["steps"],

@@ -54,27 +54,30 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
 
+    from dataclasses import replace
+
     from kedit_plugins.edit_metrics import counterfact_scores
 
     from kedit import diff as diffmod
-    from kedit.editing import compute_diff, resolve_editor
-    from kedit.models import load
+    from kedit.config import RunConfig, StatsConfig
+    from kedit.editing import EditPlan, compute_diff
     from kedit.scoring import perplexity
-    from kedit.stats import KeyStats
 
-    model, tok, source = load(None, quiet=True)
+    config = RunConfig(stats=StatsConfig(str(DATA / "wikitext2" / "wiki.test.raw"), args.stats_tokens, 256))
+    loaded = config.load()
+    model, tok, _ = loaded
     specs = cases(args.n)
     text = (DATA / "wikitext2" / "wiki.test.raw").read_text()[:20_000]
-    stats = KeyStats(corpus=str(DATA / "wikitext2" / "wiki.test.raw"), n_tokens=args.stats_tokens, max_len=256)
+    stats = config.stats_provider()
     base = counterfact_scores(model, tok, specs)
     base_ppl = perplexity(model, tok, text)
     rows = [{"config": "unedited", **base, "ppl_change": 0.0, "s": 0.0}]
     print(json.dumps(rows[-1]), file=sys.stderr)
 
     def batch(method: str, raw: dict, label: str, key_stats=stats) -> None:
-        editor, opts = resolve_editor(method, raw)
+        plan = EditPlan.make(model, method, raw, seed=config.seed, stats=key_stats)
         t = time.perf_counter()
-        d = compute_diff(model, tok, source, specs, editor, opts, stats=key_stats)
+        d = compute_diff(loaded, specs, plan)
         sec = time.perf_counter() - t
         diffmod.apply(model, d)
         scores, ppl = counterfact_scores(model, tok, specs), perplexity(model, tok, text)
@@ -89,13 +92,13 @@ def main() -> None:
                 batch(method, {"mom2_update_weight": float(lam)}, f"{method} λ={lam}")
     elif args.what == "tokens":
         for n_tokens in args.tokens.split(","):
-            budget = KeyStats(corpus=stats.corpus, n_tokens=int(n_tokens), max_len=256)
+            budget = replace(config, stats=replace(config.stats, n_tokens=int(n_tokens))).stats_provider()
             for method in args.methods.split(","):
                 batch(method, {}, f"{method}, statistics over {int(n_tokens):,} tokens", budget)
     elif args.method == "rome":
         for layer in args.layers.split(","):
-            editor, opts = resolve_editor("rome", {"layer": int(layer)})
-            scores, sec = single_edits(model, tok, source, specs, editor, opts, stats)
+            plan = EditPlan.make(model, "rome", {"layer": int(layer)}, seed=config.seed, stats=stats)
+            scores, sec = single_edits(loaded, specs, plan)
             rows.append({"config": f"rome layer {layer}", **scores, "ppl_change": float("nan"), "s": sec})
             print(json.dumps(rows[-1]), file=sys.stderr)
     else:

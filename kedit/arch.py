@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,11 @@ class ArchSpec:
     def mlp_out_weight(self, layer: int) -> str:
         return self.mlp_out.format(layer) + ".weight"
 
-    def to_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+    def to_out_in(self, weight: "torch.Tensor") -> "torch.Tensor":
         """View a stored weight as (d_out, d_in), the layout the math is written in."""
         return weight.t() if self.transposed else weight
 
-    def from_out_in(self, matrix: torch.Tensor) -> torch.Tensor:
+    def from_out_in(self, matrix: "torch.Tensor") -> "torch.Tensor":
         """Inverse of :meth:`to_out_in`: bring a (d_out, d_in) matrix to the stored layout."""
         return matrix.t() if self.transposed else matrix
 

@@ -22,25 +22,30 @@ def _fmt(p: float | None) -> str:
     return "   -  " if p is None else f"{p:6.4f}"
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
-    from .options import parse_pairs
-    from .workflows import apply_sequence, apply_specs
+def run_config(args: argparse.Namespace) -> Any:
+    """The :class:`kedit.config.RunConfig` that a command's arguments describe."""
+    from .config import RunConfig, StatsConfig
 
-    if args.mode == "sequential" or args.continue_chain:
-        return _print_sequence(apply_sequence(
-            args.spec, args.plugin, parse_pairs(args.option), args.reg, args.model, args.out, args.seed,
-            quiet=args.json, batch_size=args.batch_size, squash=args.squash, continue_chain=args.continue_chain,
-            corpus=args.corpus, stats_tokens=args.stats_tokens, evaluators=args.eval, data=args.data,
-            eval_at=args.eval_at, use_cache=not args.no_cache, reg_in_loop=args.reg_in_loop), args.json)
-    if args.batch_size is not None or args.squash or args.eval_at:
-        raise InputError("--batch-size, --squash and --eval-at belong to --mode sequential "
-                         "(--mode batch edits all specs at once)")
-    if args.plugin is None:
-        raise InputError("kedit apply needs --plugin EDITOR (see `kedit editors`)")
-    result = apply_specs(args.spec, args.plugin, parse_pairs(args.option), args.reg, args.model, args.out,
-                         args.seed, quiet=args.json, after=args.after, corpus=args.corpus,
-                         stats_tokens=args.stats_tokens, evaluators=args.eval, data=args.data,
-                         use_cache=not args.no_cache, reg_in_loop=args.reg_in_loop)
+    evaluators = getattr(args, "eval", None) or getattr(args, "evaluator", None) or ()
+    return RunConfig(model=args.model, seed=getattr(args, "seed", 0),
+                     stats=StatsConfig(corpus=getattr(args, "corpus", None),
+                                       n_tokens=getattr(args, "stats_tokens", None)),
+                     evaluators=tuple(evaluators), data=tuple(getattr(args, "data", None) or ()),
+                     use_cache=not getattr(args, "no_cache", False), quiet=getattr(args, "quiet", False))
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .config import EditJob
+    from .options import parse_pairs
+    from .workflows import apply
+
+    job = EditJob(args.spec, editor=args.plugin, options=parse_pairs(args.option), regs=tuple(args.reg),
+                  reg_in_loop=args.reg_in_loop, mode=args.mode, batch_size=args.batch_size, squash=args.squash,
+                  after=tuple(args.after), continue_chain=args.continue_chain, out=args.out,
+                  eval_at=tuple(args.eval_at))
+    result = apply(job, run_config(args))
+    if job.sequential:
+        return _print_sequence(result, args.json)
     if args.json:
         _print_json(result)
         return 0
@@ -109,8 +114,7 @@ def _print_metrics(result: dict[str, Any]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .workflows import eval_model
 
-    result = eval_model(args.evaluator, args.model, args.diff, args.data, args.specs, args.seed,
-                        quiet=args.json, use_cache=not args.no_cache, label=args.label)
+    result = eval_model(run_config(args), args.diff, args.specs, label=args.label)
     if args.out:
         from .atomic import atomic_write_text
 
@@ -194,17 +198,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from . import diff as diffmod
+    if args.action == "show":  # the manifest and id are checked from the file's bytes: no torch
+        from .manifest import read_manifest, summary
+
+        for p in args.diffs:
+            manifest = read_manifest(p)
+            if args.json:
+                _print_json(manifest)
+            else:
+                print(f"{p}\n{summary(manifest)}")
+        return 0
     from . import workflows as wf
 
-    if args.action == "show":
-        for p in args.diffs:
-            d = diffmod.read(p)
-            if args.json:
-                _print_json(d.manifest)
-            else:
-                print(f"{p}\n{diffmod.summary(d)}")
-        return 0
     if args.action == "verify":
         results = wf.verify(args.diffs, args.model)
         if args.json:
@@ -222,7 +227,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.edit:
         if args.action != "revert" or len(args.diffs) != 1:
             raise InputError("--edit ID goes with `kedit diff revert --edit ID CHAIN` (one chain folder)")
-        r = wf.remove_from_chain(args.diffs[0], args.edit, args.model, quiet=args.json)
+        r = wf.remove_from_chain(args.diffs[0], args.edit, run_config(args))
         if args.json:
             _print_json(r)
         else:
@@ -242,13 +247,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .config import StatsConfig
     from .models import load
-    from .stats import KeyStats, parse_layers
+    from .stats import parse_layers
 
     if not args.layers:
         raise InputError("stats compute needs --layers, e.g. --layers 3,4,5,6,7 (all layers at once is rarely wanted)")
-    model, tok, _ = load(args.model, quiet=args.json)
-    stats = KeyStats(args.corpus, args.tokens, args.max_len, args.seed, args.batch_size, quiet=args.json)
+    config = replace(run_config(args), stats=StatsConfig(args.corpus, args.tokens, args.max_len, args.batch_size))
+    model, tok, _ = load(config.model, progress=config.progress())
+    stats = config.stats_provider()
     stats.second_moment(model, tok, parse_layers(args.layers, model.config))
     if args.json:
         _print_json({"layers": {str(k): v for k, v in stats.last.items()}, "record": stats.record()})
@@ -281,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="diff path (default: checkpoints/SPEC-EDITOR-ID.kedit.safetensors); "
                    "sequential: the chain folder (default: checkpoints/SPEC-EDITOR-seq)")
-    p.add_argument("--corpus", help="text for the key statistics of rome/memit/alphaedit/emmet: .txt, .jsonl "
-                   "with a text field, or hf:NAME (online); default: text sampled from the model itself")
+    p.add_argument("--corpus", help="text for the key statistics of the locate-then-edit editors: a .txt file, "
+                   ".json/.jsonl with a text field, hf:NAME (online), builtin (the default: CIA World Factbook "
+                   "prose shipped with kedit) or sampled (text sampled from the model; minutes on a CPU)")
     p.add_argument("--stats-tokens", type=int, help="token budget of the key statistics "
-                   "(default: 100,000 from --corpus, 20,000 sampled from the model without one)")
+                   "(default: 20,000 of the built-in corpus or of sampled text, 100,000 of a --corpus file)")
     p.add_argument("--after", action="append", default=[], metavar="DIFF",
                    help="apply these diffs (a chain, in order) first; the new diff continues the chain")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (recorded in the diff)")
@@ -306,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[], metavar="PATH",
                    help="data file or folder for evaluators that read one (perplexity, glue)")
     p.add_argument("--no-cache", action="store_true", help="recompute the unedited model's evaluation")
-    p.add_argument("--json", action="store_true", help="print machine-readable results")
+    p.add_argument("--json", action="store_true", help="print machine-readable results (progress stays on stderr)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("eval", help="run evaluators on a model, with diffs applied and without")
@@ -324,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON result to this file (input of `kedit report`)")
     p.add_argument("--no-cache", action="store_true", help="recompute the unedited model's evaluation")
     p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="Markdown/HTML report with tables and PNG plots from result JSON files")
@@ -356,19 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="revert: take this edit (spec id) out of a chain folder as if it had never been made, "
                    "by appending a step (editors that keep per-edit sums: d4s); repeatable")
     p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("stats", help="compute and cache key statistics (C0 = E[k kᵀ]) for locate-then-edit editors")
     p.add_argument("action", choices=["compute"])
     p.add_argument("--model", help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--corpus", help=".txt, .json or .jsonl file (records with \"text\"), or hf:NAME[:CONFIG]; "
-                   "default: text sampled from the model (offline)")
+    p.add_argument("--corpus", help=".txt, .json or .jsonl file (records with \"text\"), hf:NAME[:CONFIG], "
+                   "builtin (the default) or sampled (text sampled from the model)")
     p.add_argument("--layers", help="comma-separated layer indices, e.g. 3,4,5,6,7 (required)")
-    p.add_argument("--tokens", type=int, default=100_000, help="token budget (default: 100000)")
-    p.add_argument("--max-len", type=int, default=256, help="tokens per packed row (default: 256)")
+    p.add_argument("--tokens", type=int, help="token budget (default: 20,000 of the built-in corpus or of "
+                   "sampled text, 100,000 of a file)")
+    p.add_argument("--max-len", type=int, help="tokens per packed row (default: 256, or the model's context)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward batch (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model-sampled corpus")
     p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_stats)
 
     for name in ["plugins", *KIND_COMMANDS]:

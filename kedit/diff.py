@@ -2,7 +2,8 @@
 
 Tensors: ``PARAM::delta`` (dense), ``PARAM::u``/``PARAM::v`` (low rank), ``PARAM::idx``/``PARAM::val``
 (sparse), plus ``PARAM::fix_idx``/``PARAM::fix_val``: the few base values that ``(W + Δ) − Δ`` does
-not give back bit for bit in the base dtype, so that revert is always exact.
+not give back bit for bit in the base dtype, so that revert is always exact. The manifest and the
+content id are read and checked by :mod:`kedit.manifest`, which needs no torch.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from . import delta as D
+from . import manifest as M
 from .atomic import atomic_path
 from .errors import InputError, KeditError
 from .hashing import dtype_name, tensor_sha256
 
-SCHEMA = 1
-SUFFIX = ".kedit.safetensors"
+SCHEMA = M.SCHEMA
+SUFFIX = M.SUFFIX
 
 
 @dataclass
@@ -56,18 +58,16 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def _canonical(manifest: Mapping[str, Any]) -> bytes:
-    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def content_id(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
     """Hash of the manifest (less id and creation time) and every tensor's bytes."""
-    h = hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k not in ("id", "created")}))
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}|{dtype_name(t.dtype)}|{list(t.shape)}".encode())
-        h.update(tensor_sha256(t).encode())
-    return "sha256:" + h.hexdigest()
+    return M.content_id(manifest, {n: (dtype_name(t.dtype), list(t.shape), tensor_sha256(t)) for n, t in tensors.items()})
+
+
+def seal(diff: Diff) -> Diff:
+    """Recompute the id after the manifest was completed (evaluations, sequence info): the one
+    place an id is made, so a diff's id always matches what is written."""
+    diff.manifest["id"] = content_id(diff.manifest, diff.tensors())
+    return diff
 
 
 def _plus(weight: torch.Tensor, dense64: torch.Tensor) -> torch.Tensor:
@@ -124,9 +124,7 @@ def build(base: Mapping[str, torch.Tensor], deltas: Mapping[str, D.Delta | torch
         **rec,
         "entries": entries,
     }
-    diff = Diff(manifest, encoded, fixes)
-    manifest["id"] = content_id(manifest, diff.tensors())
-    return diff
+    return seal(Diff(manifest, encoded, fixes))
 
 
 def write(diff: Diff, path: str | os.PathLike) -> Path:
@@ -145,33 +143,19 @@ def write(diff: Diff, path: str | os.PathLike) -> Path:
 
 def read(path: str | os.PathLike) -> Diff:
     """Read and integrity-check a diff; any damage raises InputError naming the file."""
-    from safetensors import safe_open
+    from safetensors.torch import load as load_bytes
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such diff file")
+    path, data = M.read_bytes(path)
+    manifest, _ = M.parse(path, data)
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises several types for a damaged header
-        raise InputError(f"{path}: truncated or corrupted diff (not readable as safetensors: {exc})") from None
-    if "kedit.manifest" not in meta:
-        raise InputError(f"{path}: not a kedit diff (no kedit.manifest in its metadata)")
-    try:
-        manifest = json.loads(meta["kedit.manifest"])
+        tensors = load_bytes(data)
         entries = manifest["entries"]
         shapes = {n: tuple(t["shape"]) for n, t in manifest["base"]["tensors"].items()}
         deltas = {n: D.from_tensors(n, e["encoding"], tensors, shapes[n]) for n, e in entries.items()}
         fixes = {n: (tensors[f"{n}::fix_idx"].to(torch.int64), tensors[f"{n}::fix_val"]) for n in entries}
-    except (ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # safetensors and the decoders raise several types for damaged content
         raise InputError(f"{path}: corrupted diff (manifest and tensors disagree: {exc})") from None
-    if manifest.get("schema") != SCHEMA:
-        raise InputError(f"{path}: diff schema {manifest.get('schema')!r}; this kedit reads schema {SCHEMA}")
-    diff = Diff(manifest, deltas, fixes, path)
-    if content_id(manifest, tensors) != manifest.get("id"):
-        raise InputError(f"{path}: corrupted diff (its content hash does not match its recorded id {manifest.get('id')})")
-    return diff
+    return Diff(manifest, deltas, fixes, path)
 
 
 # --- verifying against a live model ---------------------------------------------------------
@@ -288,8 +272,7 @@ def squash(model: torch.nn.Module, diffs: list[Diff]) -> Diff:
     err = max(float((_plus(base[n], D.to_dense(out.deltas[n], torch.float64)).double() - seq[n].double()).abs().max())
               for n in total)
     out.manifest["squash_max_abs_vs_chain"] = err
-    out.manifest["id"] = content_id(out.manifest, out.tensors())
-    return out
+    return seal(out)
 
 
 def _merge_specs(blocks: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
@@ -302,15 +285,4 @@ def _merge_specs(blocks: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
 
 def summary(diff: Diff) -> str:
     """Human-readable lines for ``kedit diff show``."""
-    m = diff.manifest
-    ed = m.get("editor") or {}
-    lines = [f"id:       {m['id']}", f"created:  {m.get('created')}",
-             f"base:     {m['base'].get('name_or_path')} ({m['base'].get('model_type')}, revision {m['base'].get('revision')})",
-             f"parents:  {', '.join(p[:19] + '…' for p in m.get('parents', [])) or '(none)'}",
-             f"editor:   {ed.get('name')} {json.dumps(ed.get('options', {}))}",
-             f"regs:     {', '.join(r['name'] + json.dumps(r.get('options', {})) for r in m.get('regularizers', [])) or '(none)'}",
-             f"specs:    {(m.get('specs') or {}).get('count', 0)}", "entries:"]
-    for name, e in m["entries"].items():
-        extra = f" rank={e['rank']}" if "rank" in e else (f" nnz={e['nnz']}" if "nnz" in e else "")
-        lines.append(f"  {name}: {e['encoding']}{extra} {e['bytes'] / 1024:.1f} KiB")
-    return "\n".join(lines)
+    return M.summary(diff.manifest)

@@ -1,27 +1,32 @@
 """The edit pipeline: editor -> deltas -> regularizer chain -> encoded diff with provenance.
 
-The host knows no particular method: it validates options, calls the editor through its
-registered class, checks the editor left the model untouched, runs the regularizers and builds
-the diff.
+The host knows no particular method: :class:`EditPlan` binds a registered editor to its options
+(validated, then resolved for the model once), the regularizer chain and the seed;
+:func:`compute_diff` calls the editor through its class, checks it left the model untouched,
+runs the regularizers (the host is their one owner; an editor that declares
+``regularizes_in_loop`` gets them as ``context.regularize`` instead) and builds the diff.
 """
 from __future__ import annotations
 
-import hashlib
-import sys
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from . import delta as D
 from . import diff as diffmod
-from .api import EditContext
+from .api import EditContext, StatsProvider
 from .arch import arch_for
 from .errors import InputError, KeditError
-from .models import ModelSource
+from .hashing import tokenizer_sha256
 from .options import bind, validate
 from .plugins import Registered, lookup
+from .progress import SILENT, Progress
 from .spec import EditSpec, specs_sha256
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+    from .sequence import SequenceBase
 
 
 @dataclass
@@ -36,11 +41,6 @@ class Reg:
                 "version": self.entry.version, "options": self.options.model_dump(mode="json")}
 
 
-def resolve_editor(name: str, raw_options: dict[str, Any]) -> tuple[Registered, Any]:
-    entry = lookup("editors", name)
-    return entry, validate("editor", name, entry.obj.Options, raw_options)
-
-
 def resolve_regs(texts: Sequence[str]) -> list[Reg]:
     regs = []
     for text in texts:
@@ -49,20 +49,67 @@ def resolve_regs(texts: Sequence[str]) -> list[Reg]:
     return regs
 
 
-def tokenizer_sha256(tok: Any) -> str:
-    backend = getattr(tok, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()
+def resolve_editor(name: str, raw_options: dict[str, Any]) -> tuple[Registered, Any]:
+    """The registered editor and its validated (not yet model-resolved) options."""
+    entry = lookup("editors", name)
+    return entry, validate("editor", name, entry.obj.Options, raw_options)
 
 
-def progress_bar(quiet: bool):
-    """A tqdm factory on stderr, silent when ``quiet`` or when stderr is not a terminal."""
-    from tqdm.auto import tqdm
+@dataclass
+class EditPlan:
+    """What :func:`compute_diff` runs: an editor with options resolved for one model, the
+    regularizer chain, the seed, the statistics provider and the progress reporter."""
 
-    def bar(iterable=None, **kw):
-        return tqdm(iterable, file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False, **kw)
+    editor: Registered
+    options: Any
+    regs: list[Reg] = field(default_factory=list)
+    reg_in_loop: bool = False
+    seed: int = 0
+    stats: StatsProvider | None = None
+    progress: Progress = SILENT
 
-    return bar
+    @staticmethod
+    def check(editor: str, options: dict[str, Any] | None = None, regs: Sequence[str] = (),
+              reg_in_loop: bool = False) -> tuple[Registered, Any, list[Reg]]:
+        """Validate the editor, its options and the regularizers, before any model is loaded."""
+        entry, opts = resolve_editor(editor, dict(options or {}))
+        chain = resolve_regs(regs)
+        if reg_in_loop and chain and not entry.obj.regularizes_in_loop:
+            raise InputError(f"--reg-in-loop: editor {editor!r} does not solve layer by layer, so it cannot "
+                             "regularize inside its loop; drop --reg-in-loop to regularize its result")
+        return entry, opts, chain
+
+    @classmethod
+    def make(cls, model: torch.nn.Module, editor: str, options: dict[str, Any] | None = None,
+             regs: Sequence[str] = (), reg_in_loop: bool = False, seed: int = 0,
+             stats: StatsProvider | None = None, progress: Progress = SILENT) -> "EditPlan":
+        """Validate everything and resolve the editor's options for ``model`` (once)."""
+        entry, opts, chain = cls.check(editor, options, regs, reg_in_loop)
+        resolved = entry.obj().resolve(opts, model)
+        return cls(entry, resolved, chain, bool(reg_in_loop and chain), seed, stats, progress)
+
+    def editor_record(self) -> dict[str, Any]:
+        e = self.editor
+        return {"name": e.name, "plugin": e.plugin, "package": e.package, "version": e.version,
+                "options": self.options.model_dump(mode="json")}
+
+
+@dataclass
+class SequenceStep:
+    """A batch inside a sequence: the sequence base, the editor's carried state (updated in
+    place) and the per-batch data it keeps for single-edit removal."""
+
+    base: "SequenceBase"
+    state: dict[str, torch.Tensor]
+    step_data: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Removal:
+    """Take edits ``spec_ids`` out of a sequence, given every earlier batch's (ids, step data)."""
+
+    spec_ids: list[str]
+    steps: list[tuple[list[str], dict[str, torch.Tensor]]]
 
 
 def _to_cpu(d: D.Delta) -> D.Delta:
@@ -96,44 +143,35 @@ def regularize_diff(model: torch.nn.Module, diff: diffmod.Diff, regs: Sequence[R
     return diffmod.build({n: params[n].detach().cpu() for n in out}, out, record)
 
 
-def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, specs: list[EditSpec],
-                 editor: Registered, options: Any, regs: Sequence[Reg] = (), seed: int = 0,
-                 parents: Sequence[str] = (), state: dict[str, torch.Tensor] | None = None, quiet: bool = True,
-                 stats: Any = None, base: Any = None,
-                 step_data: dict[str, torch.Tensor] | None = None, remove: Sequence[str] | None = None,
-                 steps: Sequence[Any] = (), reg_in_loop: bool = False) -> diffmod.Diff:
-    """Run one edit and return its diff; ``model`` is left exactly as it was.
+def compute_diff(loaded: "LoadedModel", specs: list[EditSpec], plan: EditPlan, *, parents: Sequence[str] = (),
+                 sequence: SequenceStep | None = None, removal: Removal | None = None) -> diffmod.Diff:
+    """Run one edit and return its diff; the model is left exactly as it was.
 
-    ``state``, ``base`` and ``step_data`` are a sequence's (see :mod:`kedit.sequence`). With
-    ``remove`` (spec ids) the diff instead takes those edits out of the sequence, through the
-    editor's ``remove`` with the sequence's per-step data ``steps``."""
-    arch = arch_for(model)
+    ``sequence`` places the edit inside a sequence (see :mod:`kedit.paradigms`). With ``removal``
+    the diff instead takes those edits out of the sequence, through the editor's ``remove``."""
+    model, tokenizer, source = loaded
+    editor = plan.editor
+    seed = plan.seed
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    if stats is None:
-        from .stats import KeyStats
-
-        stats = KeyStats(seed=seed, quiet=quiet)
-    context = EditContext(arch=arch, seed=seed, device=str(next(model.parameters()).device),
-                          progress=progress_bar(quiet), state=state, generator=generator, stats=stats,
-                          base=base, step_data=step_data)
+    context = EditContext(arch=arch_for(model), seed=seed, device=str(next(model.parameters()).device),
+                          progress=plan.progress, stats=plan.stats, generator=generator,
+                          state=sequence.state if sequence else None, base=sequence.base if sequence else None,
+                          step_data=sequence.step_data if sequence else None)
     params = dict(model.named_parameters())
-    in_loop: set[str] = set()
-    if reg_in_loop and regs:
+    if plan.reg_in_loop:
         def regularize(name: str, d: Any) -> D.Delta:
             if name not in params:
                 raise KeditError(f"editor {editor.name!r} regularized {name!r}, not a parameter of the model")
-            in_loop.add(name)
-            return _regularized(params[name], _to_cpu(D.as_delta(d)), regs)
+            return _regularized(params[name], _to_cpu(D.as_delta(d)), plan.regs)
 
         context.regularize = regularize
-    versions = {n: p._version for n, p in model.named_parameters()}
+    versions = {n: p._version for n, p in params.items()}
     instance = editor.obj()
-    options = instance.resolve(options, model)
-    if remove is not None:
-        deltas = instance.remove(model, tokenizer, list(remove), list(steps), options, context)
+    if removal is not None:
+        deltas = instance.remove(model, tokenizer, list(removal.spec_ids), list(removal.steps), plan.options, context)
     else:
-        deltas = instance.edit(model, tokenizer, specs, options, context)
+        deltas = instance.edit(model, tokenizer, specs, plan.options, context)
     changed = [n for n, p in model.named_parameters() if p._version != versions[n]]
     if changed:
         raise KeditError(f"editor {editor.name!r} (package {editor.package}) changed the model in place "
@@ -144,22 +182,22 @@ def compute_diff(model: torch.nn.Module, tokenizer: Any, source: ModelSource, sp
     for name, d in deltas.items():
         if name not in params:
             raise KeditError(f"editor {editor.name!r} returned a delta for {name!r}, not a parameter of the model")
-        out[name] = _to_cpu(D.as_delta(d)) if name in in_loop else _regularized(params[name], _to_cpu(D.as_delta(d)), regs)
-    record = {
+        cpu = _to_cpu(D.as_delta(d))
+        out[name] = cpu if plan.reg_in_loop else _regularized(params[name], cpu, plan.regs)
+    stats = plan.stats
+    record: dict[str, Any] = {
         "base": {**source.to_json(), "model_type": model.config.model_type},
         "parents": list(parents),
-        "editor": {"name": editor.name, "plugin": editor.plugin, "package": editor.package,
-                   "version": editor.version, "options": options.model_dump(mode="json")},
-        "regularizers": [r.record() for r in regs],
-        **({"regularized_in_loop": sorted(in_loop)} if in_loop else {}),
+        "editor": plan.editor_record(),
+        "regularizers": [r.record() for r in plan.regs],
+        **({"regularized_in_loop": sorted(out)} if plan.reg_in_loop else {}),
         "seed": seed,
-        "stats": stats.record() if getattr(stats, "used", True) else None,
+        "stats": stats.record() if stats is not None and stats.used else None,
         "tokenization": {"padding_side": "right", "tokenizer_sha256": tokenizer_sha256(tokenizer),
                          "target_prefix": "space"},
         "specs": {"count": len(specs), "sha256": specs_sha256(specs),
                   "records": [s.model_dump(mode="json", exclude_defaults=True) for s in specs]},
     }
-    if remove is not None:
-        record["removes"] = list(remove)
-    base = {n: params[n].detach().cpu() for n in out}
-    return diffmod.build(base, out, record)
+    if removal is not None:
+        record["removes"] = list(removal.spec_ids)
+    return diffmod.build({n: params[n].detach().cpu() for n in out}, out, record)

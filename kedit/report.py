@@ -17,8 +17,29 @@ from typing import Any, Sequence
 from .atomic import atomic_path, atomic_write_text
 from .errors import InputError
 
-SPEC_METRICS = {"counterfact": ["ES", "PS", "NS"], "token-acc": ["reliability", "generalization", "locality",
-                                                                  "portability"]}
+HOST_CURVES = ("drift",)  # the host's own weight-drift records, drawn in curves whatever the evaluators
+
+
+def display(runs: list[dict[str, Any]], ev: str) -> dict[str, Any]:
+    """How evaluator ``ev``'s metrics are shown (:meth:`kedit.api.Evaluator.display`): as the
+    results recorded it, else as the installed evaluator declares it, else plainly."""
+    for r in runs:
+        d = (r.get("display") or {}).get(ev)
+        if d:
+            return d
+    from .plugins import registry
+
+    entry = registry("evaluators").get(ev)
+    return entry.obj.display() if entry is not None else {}
+
+
+def _evaluators(runs: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(ev for r in runs for ev in r["metrics"]))
+
+
+def task_evaluators(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(evaluator, task metric suffix) for the evaluators that report per-task scores."""
+    return [(ev, t) for ev in _evaluators(runs) if (t := display(runs, ev).get("task_metric"))]
 
 
 def load_runs(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
@@ -111,13 +132,13 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_edit_metrics(runs: list[dict[str, Any]], path: Path) -> bool:
-    """Grouped bars: the spec-based fractions (ES/PS/NS, token accuracies), one bar per run."""
-    keys = [(ev, m) for ev, ms in SPEC_METRICS.items() for m in ms
+    """Grouped bars: the metrics evaluators declare as fractions of edits, one bar per run."""
+    keys = [(ev, m) for ev in _evaluators(runs) for m in display(runs, ev).get("edit_metrics", [])
             if any(r["metrics"].get(ev, {}).get(m) is not None for r in runs)]
     if not keys:
         return False
     series = []
-    bases = {ev: common_base(runs, ev) for ev in SPEC_METRICS}
+    bases = {ev: common_base(runs, ev) for ev, _ in keys}
     if all(bases[ev] for ev, _ in keys):
         series.append(("unedited", [bases[ev].get(m) for ev, m in keys]))
     series += [(r["label"], [r["metrics"].get(ev, {}).get(m) for ev, m in keys]) for r in runs]
@@ -139,30 +160,33 @@ def plot_edit_metrics(runs: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def plot_drift(runs: list[dict[str, Any]], path: Path) -> bool:
-    """General-ability drift: accuracy per task with its chance level, and the change against the
-    unedited model with 95% intervals."""
-    with_glue = [r for r in runs if "glue" in r["metrics"]]
-    if not with_glue:
+def plot_drift(runs: list[dict[str, Any]], path: Path, ev: str, metric: str) -> bool:
+    """General-ability drift on evaluator ``ev``'s tasks: the score per task (``TASK.metric``)
+    with its chance level, and the change against the unedited model with 95% intervals."""
+    with_tasks = [r for r in runs if ev in r["metrics"]]
+    if not with_tasks:
         return False
-    tasks = list(dict.fromkeys(k[:-4] for r in with_glue for k in r["metrics"]["glue"] if k.endswith(".acc")
-                               and k != "mean.acc"))
-    info = next((r.get("info", {}).get("glue") for r in with_glue if r.get("info", {}).get("glue")), {}) or {}
-    has_delta = any((r.get("delta") or {}).get("glue") for r in with_glue)
+    sfx = "." + metric
+    tasks = list(dict.fromkeys(k[:-len(sfx)] for r in with_tasks for k in r["metrics"][ev] if k.endswith(sfx)
+                               and k != "mean" + sfx))
+    if not tasks:
+        return False
+    info = next((r.get("info", {}).get(ev) for r in with_tasks if r.get("info", {}).get(ev)), {}) or {}
+    has_delta = any((r.get("delta") or {}).get(ev) for r in with_tasks)
     plt = _plt()
     fig, axes = plt.subplots(1, 2 if has_delta else 1, figsize=(14 if has_delta else 8, 4.2), squeeze=False)
     ax = axes[0][0]
     series = []
-    base = common_base(with_glue, "glue")
+    base = common_base(with_tasks, ev)
     if base:
         series.append(("unedited", base, None))
-    series += [(r["label"], r["metrics"]["glue"], r) for r in with_glue]
+    series += [(r["label"], r["metrics"][ev], r) for r in with_tasks]
     width = 0.8 / len(series)
     palette = [f"C{i}" for i in range(10)] if len(series) <= 10 else [plt.cm.tab20(i % 20) for i in range(len(series))]
     color = {label: palette[i] for i, (label, _, _) in enumerate(series)}
     for i, (label, metrics, _) in enumerate(series):
         xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(tasks))]
-        ax.bar(xs, [metrics.get(f"{t}.acc") or 0 for t in tasks], width, label=label, color=color[label])
+        ax.bar(xs, [metrics.get(t + sfx) or 0 for t in tasks], width, label=label, color=color[label])
     for k, t in enumerate(tasks):
         chance = (info.get(t) or {}).get("chance")
         if chance is not None:
@@ -171,26 +195,26 @@ def plot_drift(runs: list[dict[str, Any]], path: Path) -> bool:
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=30, fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title("Zero-shot accuracy (dashed: chance)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{ev}: {metric} per task (dashed: chance)")
     ax.grid(axis="y", alpha=0.3)
     if not has_delta:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if has_delta:
         ax = axes[0][1]
-        edited = [s for s in series if s[2] is not None and (s[2].get("delta") or {}).get("glue")]
+        edited = [s for s in series if s[2] is not None and (s[2].get("delta") or {}).get(ev)]
         width = 0.8 / len(edited)
         for i, (label, _, r) in enumerate(edited):
             xs = [k + (i - (len(edited) - 1) / 2) * width for k in range(len(tasks))]
-            d = [r["delta"]["glue"].get(f"{t}.acc") or 0 for t in tasks]
-            ci = [r.get("ci", {}).get("glue", {}).get(f"{t}.acc") for t in tasks]
+            d = [r["delta"][ev].get(t + sfx) or 0 for t in tasks]
+            ci = [r.get("ci", {}).get(ev, {}).get(t + sfx) for t in tasks]
             err = [[max(0, v - c[0]) if c else 0 for v, c in zip(d, ci)], [max(0, c[1] - v) if c else 0 for v, c in zip(d, ci)]]
             ax.bar(xs, d, width, yerr=err, capsize=2, label=label, color=color[label],
                    error_kw={"elinewidth": 0.8, "ecolor": "0.3", "alpha": 0.8})
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(tasks)))
         ax.set_xticklabels(tasks, rotation=30, fontsize=8)
-        ax.set_ylabel("accuracy change vs unedited")
+        ax.set_ylabel(f"{metric} change vs unedited")
         ax.set_title("Change vs unedited, paired 95% CI")
         ax.grid(axis="y", alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
@@ -208,7 +232,7 @@ def curve_metrics(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
                 for m in ms:
                     if (ev, m) not in keys:
                         keys.append((ev, m))
-    preferred = [k for k in keys if k[1] in ("ES", "PS", "NS", "mean.acc", "ppl") or k[0] == "drift"]
+    preferred = [k for k in keys if k[0] in HOST_CURVES or k[1] in display(runs, k[0]).get("headline", [])]
     return preferred or keys[:6]
 
 
@@ -259,11 +283,14 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
     figures = []
     # Runs marked "aggregate" (a curve assembled from other runs) only feed the curves.
     plain = [r for r in runs if not r.get("aggregate")] or runs
-    for name, fn, subset, caption in [("edit_metrics.png", plot_edit_metrics, plain, "Edit metrics per run"),
-                                      ("drift.png", plot_drift, plain, "General-ability drift"),
-                                      ("curves.png", plot_curves, runs, "Metrics against the number of edits")]:
-        if fn(subset, folder / name):
-            figures.append((name, caption))
+    if plot_edit_metrics(plain, folder / "edit_metrics.png"):
+        figures.append(("edit_metrics.png", "Edit metrics per run"))
+    for i, (ev, metric) in enumerate(task_evaluators(plain)):
+        name = "drift.png" if i == 0 else f"drift-{ev}.png"
+        if plot_drift(plain, folder / name, ev, metric):
+            figures.append((name, f"General-ability drift ({ev})"))
+    if plot_curves(runs, folder / "curves.png"):
+        figures.append(("curves.png", "Metrics against the number of edits"))
     protocols = {ev: p for r in runs for ev, p in (r.get("protocols") or {}).items()}
     md = [f"# {title}", "", f"{len(runs)} run(s): " + ", ".join(f"`{r['label']}`" for r in runs), "",
           "Cells: value (change against the unedited model ± half-width of its paired 95% interval). An "
@@ -284,11 +311,14 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
                    + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
                    + "</table>" + (f"<p><small>Protocol: {html.escape(protocols[ev])}</small></p>" if ev in protocols else ""))
-    chance = next((r["info"]["glue"] for r in runs if (r.get("info") or {}).get("glue")), None)
-    if chance:
-        md += ["## Chance levels of the GLUE-style sets", "", "| set | n | chance | majority class |", "|---|---|---|---|"]
-        md += [f"| {t} | {i.get('n')} | {_fmt(i.get('chance'))} | {_fmt(i.get('majority'))} |" for t, i in chance.items()]
-        md.append("")
+    for ev, _ in task_evaluators(runs):
+        chance = next((r["info"][ev] for r in runs if (r.get("info") or {}).get(ev)), None)
+        if chance:
+            md += [f"## Chance levels of the {ev} tasks", "", "| task | n | chance | majority class |",
+                   "|---|---|---|---|"]
+            md += [f"| {t} | {i.get('n')} | {_fmt(i.get('chance'))} | {_fmt(i.get('majority'))} |"
+                   for t, i in chance.items() if isinstance(i, dict)]
+            md.append("")
     written = [folder / n for n, _ in figures]
     atomic_write_text(folder / "index.md", "\n".join(md) + "\n")
     atomic_write_text(folder / "index.html", "<!doctype html><meta charset='utf-8'><title>" + html.escape(title)

@@ -5,9 +5,10 @@ parent), the editor's carried state, the per-batch data an editor keeps for sing
 and ``chain.json``, which is written last after every batch and so is the commit point: a run
 cut off mid-batch leaves a folder that ``--continue`` resumes from its last whole batch.
 
-Every batch of a sequence sees the *sequence base* (the model before its first edit) through
-:class:`SequenceBase`: its key statistics (as sequential MEMIT and AlphaEdit use them; asking the
-edited model would recompute them after every batch) and its weights (D4S solves from them).
+Every batch of a sequence sees the *sequence base* (the model before its first edit): its
+weights through :class:`SequenceBase` (D4S solves from them) and its key statistics through
+:class:`BaseStats` (as sequential MEMIT and AlphaEdit use them; asking the edited model would
+recompute them after every batch).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from . import diff as diffmod
+from .api import SequenceView, StatsProvider
 from .atomic import atomic_path, atomic_write_text
 from .errors import InputError
 
@@ -29,16 +31,15 @@ CHAIN_SCHEMA = 1
 DRIFT_THRESHOLDS = (0.077, 0.171)  # the RECT paper's relative-change levels
 
 
-class SequenceBase:
+class SequenceBase(SequenceView):
     """The unedited model behind a sequence. Its weights are the live ones with the applied diffs
     reverted (exactly, on copies); :meth:`reverted` swaps them in without touching the model's
     own tensors, so editors may look at the base while the host checks they change nothing."""
 
-    def __init__(self, model: torch.nn.Module, stats: Any = None) -> None:
-        self.model, self.stats = model, stats
-        self.applied: list[diffmod.Diff] = []
+    def __init__(self, model: torch.nn.Module, applied: list[diffmod.Diff] | None = None) -> None:
+        self.model = model
+        self.applied: list[diffmod.Diff] = list(applied or [])
         self._weights: dict[str, torch.Tensor] = {}
-        self._moments: dict[int, torch.Tensor] = {}
 
     def weight(self, name: str) -> torch.Tensor:
         """``name``'s value before the sequence's first edit."""
@@ -64,20 +65,29 @@ class SequenceBase:
             for n, p in params.items():
                 p.data = live[n]
 
-    # -- the key-statistics provider interface (kedit.stats.KeyStats), served from the base --
+
+
+class BaseStats(StatsProvider):
+    """A statistics provider that serves the sequence base's moments, computed once per layer
+    from ``inner`` with the base's weights swapped in, whatever the live model holds."""
+
+    def __init__(self, inner: StatsProvider, base: SequenceBase) -> None:
+        self.inner, self.base = inner, base
+        self._moments: dict[int, torch.Tensor] = {}
+
     @property
     def used(self) -> bool:
-        return bool(getattr(self.stats, "used", False))
+        return self.inner.used
 
     def second_moment(self, _model: torch.nn.Module, tokenizer: Any, layers: list[int]) -> dict[int, torch.Tensor]:
         missing = [layer for layer in layers if layer not in self._moments]
         if missing:
-            with self.reverted() as m:
-                self._moments.update(self.stats.second_moment(m, tokenizer, missing))
+            with self.base.reverted() as m:
+                self._moments.update(self.inner.second_moment(m, tokenizer, missing))
         return {layer: self._moments[layer] for layer in layers}
 
     def record(self) -> dict[str, Any]:
-        return {**self.stats.record(), "model": "sequence base (the model before the sequence's first edit)"}
+        return {**self.inner.record(), "model": "sequence base (the model before the sequence's first edit)"}
 
 
 def drift(model: torch.nn.Module, base: SequenceBase, names: list[str]) -> dict[str, dict[str, float]]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import diff as diffmod
 from .atomic import atomic_dir
-from .editing import compute_diff, resolve_editor, resolve_regs
+from .config import EditJob, RunConfig
+from .editing import EditPlan, compute_diff
 from .errors import InputError
-from .evaluate import Evaluation, evaluate_chain, resolve_evaluators, specs_from_diffs
+from .evaluate import Evaluation, default_evaluators, evaluate_chain, resolve_evaluators, specs_from_diffs
 from .models import load
 from .scoring import target_probs
 from .spec import EditSpec, read_specs
@@ -31,40 +33,52 @@ def default_out(spec_path: Path, editor: str, diff_id: str, folder: Path = Path(
     return folder / f"{stem}-{editor}-{diff_id.removeprefix('sha256:')[:12]}{diffmod.SUFFIX}"
 
 
-def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, Any] | None = None,
-                regs: Sequence[str] = (), model: str | None = None, out: str | os.PathLike | None = None,
-                seed: int = 0, quiet: bool = False, after: Sequence[str] = (), corpus: str | None = None,
-                stats_tokens: int | None = None, evaluators: Sequence[str] = (), data: Sequence[str] = (),
-                use_cache: bool = True, reg_in_loop: bool = False) -> dict[str, Any]:
-    """Edit a model with a spec file, write the diff and report each spec before and after.
+def check_job(job: EditJob, sequence_record: dict[str, Any] | None = None) -> None:
+    """Everything about the job that can be wrong, checked before any model is loaded."""
+    if job.editor is not None:
+        EditPlan.check(job.editor, job.options, job.regs, job.reg_in_loop)
+    if job.out is not None and not job.sequential and not job.out.endswith(diffmod.SUFFIX):
+        raise InputError(f"--out {job.out}: a diff file name ends in {diffmod.SUFFIX}")
 
-    ``after`` is a chain of diffs applied first; the new diff names the last of them as its
-    parent. Everything that can be wrong with the input is checked before the model is loaded,
-    and nothing is written unless the edit succeeds. ``evaluators`` run on the model before and
-    after the edit (see :mod:`kedit.evaluate`); their summary goes into the result and the manifest.
+
+def apply(job: EditJob, config: RunConfig | None = None) -> dict[str, Any]:
+    """``kedit apply``: edit a model with a spec file and write a diff (``mode="batch"``), or a
+    chain folder or squashed diff (``mode="sequential"``, or ``continue_chain``).
+
+    Everything that can be wrong with the input is checked before the model is loaded, and
+    nothing is written unless the edit succeeds. Evaluators named in ``config.evaluators`` run
+    before and after; their summary goes into the result and the manifest.
     """
-    spec_path = Path(spec_path)
-    specs = read_specs(spec_path)
-    entry, opts = resolve_editor(editor, options or {})
-    chain = resolve_regs(regs)
-    if out is not None and not str(out).endswith(diffmod.SUFFIX):
-        raise InputError(f"--out {out}: a diff file name ends in {diffmod.SUFFIX}")
-    prior = load_chain(after)
-    chosen = resolve_evaluators(evaluators, data) if evaluators else []
-    lm, tok, source = load(model, quiet=quiet)
+    config = config or RunConfig()
+    if job.sequential:
+        return _apply_sequence(job, config)
+    return _apply_batch(job, config)
+
+
+def _apply_batch(job: EditJob, config: RunConfig) -> dict[str, Any]:
+    progress = config.progress()
+    specs = read_specs(job.specs)
+    check_job(job)
+    assert job.editor is not None
+    prior = load_chain(job.after)
+    chosen = resolve_evaluators(config.evaluators, config.data) if config.evaluators else []
+    loaded = load(config.model, device=config.device, progress=progress)
+    lm, tok, _ = loaded
     for d in prior:
         diffmod.apply(lm, d)
-    before = probe_table(lm, tok, specs)
-    evaluation = Evaluation(chosen, specs, seed=seed, quiet=quiet, use_cache=use_cache) if chosen else None
+    with progress.stage(f"scoring {len(specs)} specs before the edit"):
+        before = probe_table(lm, tok, specs)
+    evaluation = Evaluation(chosen, specs, seed=config.seed, progress=progress, use_cache=config.use_cache) \
+        if chosen else None
     if evaluation:
         evaluation.base(lm, tok)
-    from .stats import KeyStats
-
-    stats = KeyStats(corpus=corpus, n_tokens=stats_tokens, seed=seed, quiet=quiet)
-    diff = compute_diff(lm, tok, source, specs, entry, opts, chain, seed=seed, quiet=quiet,
-                        parents=[prior[-1].id] if prior else [], stats=stats, reg_in_loop=reg_in_loop)
+    plan = EditPlan.make(lm, job.editor, job.options, job.regs, job.reg_in_loop, config.seed,
+                         stats=config.stats_provider(), progress=progress)
+    with progress.stage(f"editing {len(specs)} specs with {job.editor}"):
+        diff = compute_diff(loaded, specs, plan, parents=[prior[-1].id] if prior else [])
     diffmod.apply(lm, diff)
-    rows = _rows(specs, before, probe_table(lm, tok, specs))
+    with progress.stage(f"scoring {len(specs)} specs after the edit"):
+        rows = _rows(specs, before, probe_table(lm, tok, specs))
     diff.manifest["eval"] = {"protocol": "target-prob-v1 (exp mean log-prob, teacher forced, edit prompt only)",
                              "changed": sum(r["changed"] for r in rows), "count": len(rows)}
     summary: dict[str, Any] = {}
@@ -72,59 +86,63 @@ def apply_specs(spec_path: str | os.PathLike, editor: str, options: dict[str, An
         evaluation.edited(lm, tok)
         summary = evaluation.summary()
         diff.manifest["eval"].update({k: summary[k] for k in ("metrics", "base", "protocols")})
-    diff.manifest["id"] = diffmod.content_id(diff.manifest, diff.tensors())
-    path = Path(out) if out else default_out(spec_path, editor, diff.id)
+    diffmod.seal(diff)
+    path = Path(job.out) if job.out else default_out(job.specs, job.editor, diff.id)
     diffmod.write(diff, path)
-    return {"diff": str(path), "id": diff.id, "bytes": path.stat().st_size, "editor": editor,
+    return {"diff": str(path), "id": diff.id, "bytes": path.stat().st_size, "editor": job.editor,
             "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows, **summary}
 
 
-def apply_sequence(spec_path: str | os.PathLike, editor: str | None, options: dict[str, Any] | None = None,
-                   regs: Sequence[str] = (), model: str | None = None, out: str | os.PathLike | None = None,
-                   seed: int = 0, quiet: bool = False, batch_size: int | None = None, squash: bool = False,
-                   continue_chain: str | os.PathLike | None = None, corpus: str | None = None,
-                   stats_tokens: int | None = None, evaluators: Sequence[str] = (), data: Sequence[str] = (),
-                   eval_at: Sequence[str] = (), use_cache: bool = True, reg_in_loop: bool = False) -> dict[str, Any]:
-    """Edit in consecutive batches (``--mode sequential``), writing a chain folder, or with
-    ``squash`` one diff. ``continue_chain`` resumes a chain: its editor, options, regularizers,
-    seed and batch size are reused, and specs it already holds are skipped, so re-running an
-    interrupted command finishes it."""
+def _chain_run(chain: Any, config: RunConfig) -> tuple[dict[str, Any], RunConfig]:
+    """What a chain recorded about how it was made: the editor fields of its job and the run
+    configuration (seed, statistics, model) that continuing it must use."""
+    rec = chain.record
+    stats = rec.get("stats") or {}
+    # chains written before the built-in corpus existed took model-sampled text when none was named
+    corpus = config.stats.corpus or stats.get("corpus") or "sampled"
+    fields = {"editor": rec["editor"], "options": rec["options"], "regs": tuple(rec["regularizers"]),
+              "batch_size": rec["batch_size"], "reg_in_loop": rec.get("reg_in_loop", False)}
+    config = replace(config, seed=rec["seed"], model=config.model if config.model is not None else rec.get("model"),
+                     stats=replace(config.stats, corpus=corpus,
+                                   n_tokens=config.stats.n_tokens or stats.get("n_tokens"),
+                                   max_len=config.stats.max_len or stats.get("max_len")))
+    return fields, config
+
+
+def _continued(job: EditJob, config: RunConfig, chain: Any) -> tuple[EditJob, RunConfig]:
+    """The job and configuration of ``--continue CHAIN``, refusing what the chain fixes."""
+    rec = chain.record
+    if job.editor is not None and job.editor != rec["editor"]:
+        raise InputError(f"--continue {chain.path}: the chain was made with {rec['editor']!r}, not {job.editor!r}")
+    if job.options or job.regs or job.reg_in_loop or (job.batch_size is not None and job.batch_size != rec["batch_size"]):
+        raise InputError(f"--continue {chain.path}: the chain's editor options, regularizers and batch size are "
+                         "reused; do not pass -o, --reg or another --batch-size")
+    if job.squash or job.out is not None:
+        raise InputError("--continue writes into the chain folder; --out and --squash do not apply")
+    fields, config = _chain_run(chain, config)
+    return replace(job, **fields), config
+
+
+def _apply_sequence(job: EditJob, config: RunConfig) -> dict[str, Any]:
     from .paradigms import Schedule, new_chain, run_sequence
     from .sequence import Chain
-    from .stats import KeyStats
 
-    spec_path = Path(spec_path)
-    specs = read_specs(spec_path)
-    schedule = Schedule.parse(eval_at)
-    chain = Chain.open(continue_chain) if continue_chain else None
+    progress = config.progress()
+    specs = read_specs(job.specs)
+    schedule = Schedule.parse(job.eval_at)
+    chain = Chain.open(job.continue_chain) if job.continue_chain else None
     if chain is not None:
-        rec = chain.record
-        if editor is not None and editor != rec["editor"]:
-            raise InputError(f"--continue {chain.path}: the chain was made with {rec['editor']!r}, not {editor!r}")
-        if options or regs or reg_in_loop or (batch_size is not None and batch_size != rec["batch_size"]):
-            raise InputError(f"--continue {chain.path}: the chain's editor options, regularizers and batch size are "
-                             "reused; do not pass -o, --reg or another --batch-size")
-        if squash or out is not None:
-            raise InputError("--continue writes into the chain folder; --out and --squash do not apply")
-        editor, options, regs, seed, batch_size = (rec["editor"], rec["options"], rec["regularizers"], rec["seed"],
-                                                   rec["batch_size"])
-        model = model if model is not None else rec.get("model")
-        reg_in_loop = rec.get("reg_in_loop", False)
-        corpus = corpus if corpus is not None else rec["stats"]["corpus"]
-        stats_tokens = stats_tokens if stats_tokens is not None else rec["stats"]["n_tokens"]
-    if editor is None:
-        raise InputError("kedit apply needs --plugin EDITOR (or --continue CHAIN)")
-    batch_size = batch_size or 1
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size}: must be at least 1")
-    entry, opts = resolve_editor(editor, options or {})
-    chain_regs = resolve_regs(regs)
-    if squash and out is not None and not str(out).endswith(diffmod.SUFFIX):
-        raise InputError(f"--out {out}: with --squash the result is one diff, whose name ends in {diffmod.SUFFIX}")
-    if not squash and chain is None and out is not None and str(out).endswith(diffmod.SUFFIX):
-        raise InputError(f"--out {out}: a sequence is written as a chain folder; pass a folder, or --squash for one diff")
-    chosen = resolve_evaluators(evaluators, data) if evaluators else []
-    lm, tok, source = load(model, quiet=quiet)
+        job, config = _continued(job, config, chain)
+    assert job.editor is not None
+    batch_size = job.batch_size or 1
+    check_job(job)
+    if job.squash and job.out is not None and not job.out.endswith(diffmod.SUFFIX):
+        raise InputError(f"--out {job.out}: with --squash the result is one diff, whose name ends in {diffmod.SUFFIX}")
+    if not job.squash and chain is None and job.out is not None and job.out.endswith(diffmod.SUFFIX):
+        raise InputError(f"--out {job.out}: a sequence is written as a chain folder; pass a folder, or --squash for one diff")
+    chosen = resolve_evaluators(config.evaluators, config.data) if config.evaluators else []
+    loaded = load(config.model, device=config.device, progress=progress)
+    lm, tok, source = loaded
     previous: list[EditSpec] = []
     applied = chain.diffs() if chain is not None else []
     for d in applied:
@@ -134,48 +152,46 @@ def apply_sequence(spec_path: str | os.PathLike, editor: str | None, options: di
         previous = [s for s in specs_from_diffs(applied) if s.id in held]
         seen = {i for s in chain.steps for i in s.get("specs", [])}
         specs = [s for s in specs if s.id not in seen]
-    before = probe_table(lm, tok, specs)
-    stats = KeyStats(corpus=corpus, n_tokens=stats_tokens, seed=seed, quiet=quiet)
-    if chain is None and not squash:
-        folder = Path(out) if out else Path("checkpoints") / f"{spec_path.name.removesuffix('.jsonl')}-{editor}-seq"
-        chain = new_chain(folder, entry, opts, list(regs), seed, batch_size, model, source, str(spec_path),
-                          {"corpus": corpus, "n_tokens": stats_tokens}, reg_in_loop)
-    result = run_sequence(lm, tok, source, specs, entry, opts, chain_regs, batch_size=batch_size, seed=seed,
-                          stats=stats, chain=chain, chosen=chosen, schedule=schedule, quiet=quiet,
-                          use_cache=use_cache, previous=previous, reg_in_loop=reg_in_loop, applied=applied)
-    rows = _rows(specs, before, probe_table(lm, tok, specs))
-    summary = {"mode": "sequential", "batch_size": batch_size, "editor": editor, "eval_at": schedule.describe(),
+    with progress.stage(f"scoring {len(specs)} specs before the edits"):
+        before = probe_table(lm, tok, specs)
+    plan = EditPlan.make(lm, job.editor, job.options, job.regs, job.reg_in_loop, config.seed,
+                         stats=config.stats_provider(), progress=progress)
+    if chain is None and not job.squash:
+        folder = Path(job.out) if job.out else Path("checkpoints") / f"{job.specs.name.removesuffix('.jsonl')}-{job.editor}-seq"
+        chain = new_chain(folder, plan, job.regs, batch_size, config, source, str(job.specs))
+    result = run_sequence(loaded, specs, plan, config, batch_size=batch_size, chain=chain, chosen=chosen,
+                          schedule=schedule, previous=previous, applied=applied)
+    with progress.stage(f"scoring {len(specs)} specs after the edits"):
+        rows = _rows(specs, before, probe_table(lm, tok, specs))
+    summary = {"mode": "sequential", "batch_size": batch_size, "editor": job.editor, "eval_at": schedule.describe(),
                "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows,
                "edits": result["edits"], "steps": result["steps"], "evaluation": result["evaluation"],
                "forgetting": result["forgetting"]}
-    if squash:
+    if job.squash:
         with result["base"].reverted() as m:
             d = diffmod.squash(m, result["diffs"])
         d.manifest["sequence"] = {k: summary[k] for k in ("mode", "batch_size", "eval_at", "steps", "evaluation",
                                                           "forgetting")}
-        d.manifest["id"] = diffmod.content_id(d.manifest, d.tensors())
-        path = Path(out) if out else default_out(spec_path, f"{editor}-seq", d.id)
+        diffmod.seal(d)
+        path = Path(job.out) if job.out else default_out(job.specs, f"{job.editor}-seq", d.id)
         diffmod.write(d, path)
         return {"diff": str(path), "id": d.id, **summary}
     assert chain is not None
     return {"chain": str(chain.path), "id": result["steps"][-1]["id"] if result["steps"] else None, **summary}
 
 
-def remove_from_chain(chain_path: str | os.PathLike, ids: Sequence[str], model: str | None = None,
-                      quiet: bool = False) -> dict[str, Any]:
+def remove_from_chain(chain_path: str | os.PathLike, ids: Sequence[str], config: RunConfig | None = None) -> dict[str, Any]:
     """``kedit diff revert --edit ID CHAIN``: append a step that removes the edits, exactly."""
     from .paradigms import remove_edits
     from .sequence import Chain
-    from .stats import KeyStats
 
     chain = Chain.open(chain_path)
-    rec = chain.record
-    entry, opts = resolve_editor(rec["editor"], rec["options"])
-    regs = resolve_regs(rec["regularizers"])
-    lm, tok, source = load(model if model is not None else rec.get("model"), quiet=quiet)
-    stats = KeyStats(corpus=rec["stats"]["corpus"], n_tokens=rec["stats"]["n_tokens"], seed=rec["seed"], quiet=quiet)
-    return remove_edits(lm, tok, source, chain, ids, entry, opts, regs, stats, quiet=quiet,
-                        reg_in_loop=rec.get("reg_in_loop", False))
+    fields, config = _chain_run(chain, config or RunConfig())
+    progress = config.progress()
+    loaded = load(config.model, device=config.device, progress=progress)
+    plan = EditPlan.make(loaded.model, fields["editor"], fields["options"], fields["regs"], fields["reg_in_loop"],
+                         config.seed, stats=config.stats_provider(), progress=progress)
+    return remove_edits(loaded, chain, ids, plan)
 
 
 def _rows(specs: Sequence[EditSpec], before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -188,17 +204,19 @@ def _rows(specs: Sequence[EditSpec], before: list[dict[str, Any]], after: list[d
     return rows
 
 
-def eval_model(evaluators: Sequence[str], model: str | None = None, diffs: Sequence[str] = (),
-               data: Sequence[str] = (), spec_path: str | os.PathLike | None = None, seed: int = 0,
-               quiet: bool = False, use_cache: bool = True, label: str | None = None) -> dict[str, Any]:
-    """Run evaluators on a model and, with ``diffs``, on the model with the chain applied.
+def eval_model(config: RunConfig | None = None, diffs: Sequence[str | os.PathLike] = (),
+               spec_path: str | os.PathLike | None = None, label: str | None = None) -> dict[str, Any]:
+    """``kedit eval``: the evaluators of ``config`` on a model and, with ``diffs``, on the model
+    with the chain applied.
 
-    The specs are ``spec_path``'s, else those the diffs record. Results on the unedited model are
+    The specs are ``spec_path``'s, else those the diffs record; without evaluators named, the
+    ones that declare themselves ``default`` run on the specs. Results on the unedited model are
     cached by its content hash, so comparing many diffs of one base pays for the base once.
     """
+    config = config or RunConfig()
     chain = load_chain(diffs)
     specs = read_specs(spec_path) if spec_path else specs_from_diffs(chain)
-    chosen = resolve_evaluators(evaluators or (["counterfact", "token-acc"] if specs else []), data)
+    chosen = resolve_evaluators(config.evaluators or (default_evaluators() if specs else []), config.data)
     if not chosen:
         raise InputError("nothing to evaluate: name evaluators with --evaluator (see `kedit evaluators`), "
                          "or give edit specs (--specs, or diffs that record them)")
@@ -206,11 +224,13 @@ def eval_model(evaluators: Sequence[str], model: str | None = None, diffs: Seque
     if needy and not specs:
         raise InputError(f"evaluator(s) {', '.join(needy)} read edit specs: give --specs SPEC.jsonl "
                          "or diffs that record their specs")
-    lm, tok, source = load(model, quiet=quiet)
-    result = evaluate_chain(chosen, specs, lm, tok, chain, seed=seed, quiet=quiet, use_cache=use_cache)
+    progress = config.progress()
+    lm, tok, source = load(config.model, device=config.device, progress=progress)
+    result = evaluate_chain(chosen, specs, lm, tok, chain, seed=config.seed, progress=progress,
+                            use_cache=config.use_cache)
     editors = sorted({(d.manifest.get("editor") or {}).get("name", "?") for d in chain})
     return {"label": label or ("+".join(editors) if chain else "unedited"), "model": source.to_json(),
-            "diffs": [d.id for d in chain], "specs": len(specs), "seed": seed, **result}
+            "diffs": [d.id for d in chain], "specs": len(specs), "seed": config.seed, **result}
 
 
 def load_chain(paths: Sequence[str | os.PathLike]) -> list[diffmod.Diff]:
@@ -220,7 +240,7 @@ def load_chain(paths: Sequence[str | os.PathLike]) -> list[diffmod.Diff]:
 def verify(paths: Sequence[str], model: str | None = None) -> list[dict[str, Any]]:
     """Each diff's status against the model, applying earlier ones of the chain in memory."""
     diffs = load_chain(paths)
-    lm, _, _ = load(model, quiet=True)
+    lm, _, _ = load(model)
     out = []
     for d in diffs:
         try:
@@ -248,7 +268,7 @@ def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | N
                     overwrite: bool = False, card: bool = False) -> list[str]:
     """Apply a chain to a model and save the result as a ``from_pretrained`` folder."""
     diffs = load_chain(paths)
-    lm, tok, source = load(model, quiet=True)
+    lm, tok, source = load(model)
     statuses = [diffmod.apply(lm, d) for d in diffs]
     extra = None
     if card:
@@ -262,7 +282,7 @@ def revert_in_folder(paths: Sequence[str], out: str | os.PathLike, model: str | 
                      overwrite: bool = False) -> list[str]:
     """Revert a chain (last diff first) and save the result."""
     diffs = load_chain(paths)
-    lm, tok, _ = load(model, quiet=True)
+    lm, tok, _ = load(model)
     statuses = [diffmod.revert(lm, d) for d in reversed(diffs)]
     _save_folder(lm, tok, Path(out), overwrite)
     return statuses
@@ -270,7 +290,7 @@ def revert_in_folder(paths: Sequence[str], out: str | os.PathLike, model: str | 
 
 def squash(paths: Sequence[str], out: str | os.PathLike, model: str | None = None) -> diffmod.Diff:
     diffs = load_chain(paths)
-    lm, _, _ = load(model, quiet=True)
+    lm, _, _ = load(model)
     result = diffmod.squash(lm, diffs)
     diffmod.write(result, out)
     return result

@@ -8,15 +8,15 @@ K Kᵀ over earlier edits of a sequence, carried in the sequence state as ``alph
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from kedit_plugins.lte import capture
-from kedit_plugins.lte.solve import alphaedit_delta, null_space_basis
 from kedit_plugins.memit import Memit, MemitOptions
 from pydantic import Field
 
-from kedit import hookimpl
+from kedit.api import hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 class AlphaEditOptions(MemitOptions):
@@ -31,16 +31,23 @@ class AlphaEdit(Memit):
     name = "alphaedit"
     Options = AlphaEditOptions
 
-    def begin(self, model, tokenizer, specs, layers, c0, options, context) -> None:
-        self._basis = {l: null_space_basis(c0[l], options.nullspace_threshold) for l in layers}
+    def begin(self, model, tokenizer, specs, layers, c0, options, context) -> dict[str, Any]:
+        """Per layer, the null-space basis Û of C0 and the carried K Kᵀ of earlier edits."""
+        from kedit_plugins.lte.solve import null_space_basis
+
         state = context.state if context.state is not None else {}
-        self._prior = {l: state.get(f"alphaedit.kk.{l}") for l in layers}
+        return {"basis": {l: null_space_basis(c0[l], options.nullspace_threshold) for l in layers},
+                "prior": {l: state.get(f"alphaedit.kk.{l}") for l in layers}}
 
-    def solve(self, layer: int, residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor,
-              options: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return alphaedit_delta(residual, keys, self._basis[layer], self._prior.get(layer), options.L2)
+    def solve(self, layer: int, residual: "torch.Tensor", keys: "torch.Tensor", c0: "torch.Tensor",
+              options: Any, call: Any = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        from kedit_plugins.lte.solve import alphaedit_delta
 
-    def end(self, model, tokenizer, specs, layers, key_rows, overrides, context) -> None:
+        return alphaedit_delta(residual, keys, call["basis"][layer], call["prior"].get(layer), options.L2)
+
+    def end(self, model, tokenizer, specs, layers, key_rows, overrides, context, call: Any = None) -> None:
+        from kedit_plugins.lte import capture
+
         if context.state is None:
             return
         acts = capture.at_lookup(model, tokenizer, context.arch, key_rows, key_layers=layers, overrides=overrides)

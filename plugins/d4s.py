@@ -13,19 +13,15 @@ gets 1/(n_layers − i) of it (the reference's allocation, ``spread="reference"`
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from kedit_plugins.lte import capture
-from kedit_plugins.lte.prompts import fact_row
-from kedit_plugins.lte.solve import spd_solve
 from kedit_plugins.memit import Memit, MemitOptions
 from pydantic import Field
 
-from kedit import hookimpl
-from kedit.api import EditContext
-from kedit.errors import InputError
-from kedit.spec import EditSpec
+from kedit.api import EditContext, EditSpec, InputError, hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 class D4SOptions(MemitOptions):
@@ -40,11 +36,14 @@ class D4S(Memit):
 
     name = "d4s"
     Options = D4SOptions
+    regularizes_in_loop = False  # one closed-form solve per layer from the sums; nothing to regularize in between
 
-    def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
+    def edit(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: Any,
              context: EditContext) -> dict[str, Any]:
+        from kedit_plugins.lte import capture
+        from kedit_plugins.lte.prompts import fact_row
+
         arch = context.arch
-        options = self.resolve(options, model)
         layers = options.layers
         last = layers[-1]
         templates, vals = self.targets(model, tokenizer, specs, options, context, from_base=True)
@@ -70,12 +69,11 @@ class D4S(Memit):
         state.update(update)
         return deltas
 
-    def remove(self, model: torch.nn.Module, tokenizer: Any, spec_ids: list[str],
-               steps: list[tuple[list[str], dict[str, torch.Tensor]]], options: Any,
+    def remove(self, model: "torch.nn.Module", tokenizer: Any, spec_ids: list[str],
+               steps: list[tuple[list[str], dict[str, "torch.Tensor"]]], options: Any,
                context: EditContext) -> dict[str, Any]:
         """Subtract the edits' terms from the sums and re-solve: the result is the sequence's as if
         they had never been made (to float64 rounding)."""
-        options = self.resolve(options, model)
         state = context.state
         if not state:
             raise InputError("d4s: no accumulated sums to remove an edit from (the chain holds no d4s state)")
@@ -99,11 +97,14 @@ class D4S(Memit):
         state.update(update)
         return deltas
 
-    def _solve_all(self, model: torch.nn.Module, tokenizer: Any, layers: list[int], sums: dict[str, torch.Tensor],
-                   options: Any, context: EditContext) -> dict[str, torch.Tensor]:
+    def _solve_all(self, model: "torch.nn.Module", tokenizer: Any, layers: list[int], sums: dict[str, "torch.Tensor"],
+                   options: Any, context: EditContext) -> dict[str, "torch.Tensor"]:
         """Per layer, W0 + S_RK (λ C0 + S_KK)⁻¹ as a delta against the live weight."""
+        import torch
+        from kedit_plugins.lte.solve import spd_solve
+
         arch = context.arch
-        c0 = context.stats.second_moment(model, tokenizer, layers)
+        c0 = context.need_stats().second_moment(model, tokenizer, layers)
         deltas = {}
         for layer in layers:
             rk, kk = sums[f"d4s.rk.{layer}"], sums[f"d4s.kk.{layer}"]

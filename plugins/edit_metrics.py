@@ -6,14 +6,14 @@ the per-spec values are returned as samples so the host can pair them for interv
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+from kedit.api import EditSpec, EvalContext, EvalResult, Evaluator, hookimpl
 
-from kedit import hookimpl
-from kedit.api import EvalContext, EvalResult, Evaluator
-from kedit.scoring import TeacherForced
-from kedit.spec import EditSpec
+if TYPE_CHECKING:
+    import torch
+
+    from kedit.scoring import TeacherForced
 
 
 def _per_spec(groups: Sequence[list[float]]) -> tuple[float, list[float]]:
@@ -22,11 +22,13 @@ def _per_spec(groups: Sequence[list[float]]) -> tuple[float, list[float]]:
     return (sum(per) / len(per) if per else float("nan")), per
 
 
-def _scorer(context: EvalContext, model: torch.nn.Module, tok: Any) -> TeacherForced:
+def _scorer(context: EvalContext, model: "torch.nn.Module", tok: Any) -> "TeacherForced":
+    from kedit.scoring import TeacherForced
+
     return context.scorer if context.scorer is not None else TeacherForced(model, tok)
 
 
-def counterfact_result(scorer: TeacherForced, specs: Sequence[EditSpec]) -> EvalResult:
+def counterfact_result(scorer: "TeacherForced", specs: Sequence[EditSpec]) -> EvalResult:
     """ES/PS/NS (fractions of wins), EM/PM/NM (mean probability margins) and S (their harmonic mean)."""
     specs = [s for s in specs if s.target_true]
     pairs = []
@@ -62,6 +64,9 @@ class CounterFactEval(Evaluator):
     """CounterFact ES/PS/NS by probability comparison, with magnitudes EM/PM/NM and S."""
 
     name = "counterfact"
+    default = True
+    edit_metrics = ("ES", "PS", "NS")
+    headline = ("ES", "PS", "NS")
     protocol = ("counterfact-prob-v1: P = exp(mean token log-prob) of ' target' after the prompt, teacher forced; "
                 "ES/PS: share with P(new) > P(true), NS: share with P(true) > P(new); margins EM/PM/NM; "
                 "per spec then across specs; specs without target_true skipped")
@@ -78,6 +83,8 @@ class TokenAccuracy(Evaluator):
     """EasyEdit-style teacher-forced token accuracy: reliability, generalization, locality, portability."""
 
     name = "token-acc"
+    default = True
+    edit_metrics = ("reliability", "generalization", "locality", "portability")
     protocol = ("easyedit-token-acc-v1: share of target tokens that are the argmax given the prompt and the "
                 "earlier target tokens (teacher forced, right padded); locality: share of positions where the "
                 "edited argmax equals the unedited argmax; per spec then across specs")
@@ -87,6 +94,8 @@ class TokenAccuracy(Evaluator):
         return [s.argmax.tolist() for s in scores]
 
     def evaluate(self, model, tokenizer, specs, options, context) -> EvalResult:
+        import torch
+
         scorer = _scorer(context, model, tokenizer)
         groups: dict[str, list[list[float]]] = {"reliability": [], "generalization": [], "locality": [],
                                                 "portability": []}
@@ -117,7 +126,9 @@ class NeighborhoodKL(Evaluator):
     protocol = ("neighborhood-kl-v1: KL(p_unedited || p_edited) in nats over the full vocabulary, next token "
                 "after each neighbourhood prompt; per spec then across specs")
 
-    def reference(self, model, tokenizer, specs, options, context) -> torch.Tensor:
+    def reference(self, model, tokenizer, specs, options, context) -> "torch.Tensor":
+        import torch
+
         prompts = [n.prompt for s in specs for n in s.neighborhood]
         return _scorer(context, model, tokenizer).next_token_logprobs(prompts) if prompts else torch.empty(0)
 
@@ -142,6 +153,8 @@ def register_evaluators(register):
     register(NeighborhoodKL)
 
 
-def counterfact_scores(model: torch.nn.Module, tokenizer: Any, specs: Sequence[EditSpec]) -> dict[str, float]:
+def counterfact_scores(model: "torch.nn.Module", tokenizer: Any, specs: Sequence[EditSpec]) -> dict[str, float]:
     """ES/PS/NS and their companions for a model as it is (the benches' shortcut)."""
+    from kedit.scoring import TeacherForced
+
     return counterfact_result(TeacherForced(model, tokenizer), specs).metrics

@@ -4,14 +4,15 @@ keys' statistics subject to (W + ΔW) K = V, per layer with MEMIT's residual spr
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from kedit_plugins.lte.solve import emmet_delta
 from kedit_plugins.memit import Memit, MemitOptions
 from pydantic import Field
 
-from kedit import hookimpl
+from kedit.api import hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EmmetOptions(MemitOptions):
@@ -25,8 +26,10 @@ class Emmet(Memit):
     name = "emmet"
     Options = EmmetOptions
 
-    def solve(self, layer: int, residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor,
-              options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(self, layer: int, residual: "torch.Tensor", keys: "torch.Tensor", c0: "torch.Tensor",
+              options: Any, call: Any = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        from kedit_plugins.lte.solve import emmet_delta
+
         return emmet_delta(residual, keys, c0, options.mom2_update_weight, options.emmet_lambda,
                            options.update_norm_lambda)
 

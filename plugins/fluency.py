@@ -10,11 +10,9 @@ import re
 from collections import Counter
 from typing import Literal
 
-import torch
 from pydantic import Field
 
-from kedit import hookimpl
-from kedit.api import EvalResult, Evaluator, Options
+from kedit.api import EvalResult, Evaluator, Options, hookimpl
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -68,10 +66,18 @@ class Fluency(Evaluator):
                           {"prompts": len(prompts), "specs": len(values), "max_new_tokens": options.max_new_tokens})
 
 
-@torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, progress=None) -> list[str]:
     """Prompt + greedy continuation for each prompt. Prompts are grouped by token length, so no
     batch needs padding and every position is exact."""
+    import torch
+
+    with torch.no_grad():
+        return _generate(model, tokenizer, prompts, max_new_tokens, progress)
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, progress=None) -> list[str]:
+    import torch
+
     device = next(model.parameters()).device
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     groups: dict[int, list[int]] = {}

@@ -7,17 +7,14 @@ L-infinity bound that keeps plain fine-tuning from wrecking locality.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch.func import functional_call
 
-from kedit import hookimpl
-from kedit.api import EditContext, Editor, Options
-from kedit.arch import num_layers, resolve_layer
-from kedit.scoring import target_logprobs, teacher_forced_batch
-from kedit.spec import EditSpec
+from kedit.api import EditContext, Editor, EditSpec, Options, hookimpl, num_layers, resolve_layer
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FTOptions(Options):
@@ -43,14 +40,18 @@ class FT(Editor):
     name = "ft"
     Options = FTOptions
 
-    def resolve(self, options: FTOptions, model: torch.nn.Module) -> FTOptions:
+    def resolve(self, options: FTOptions, model: "torch.nn.Module") -> FTOptions:
         layer = resolve_layer(default_layer(model.config) if options.layer is None else options.layer, model.config)
         return options.model_copy(update={"layer": layer})
 
-    def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec],
-             options: FTOptions, context: EditContext) -> dict[str, torch.Tensor]:
-        layer = self.resolve(options, model).layer
-        pname = context.arch.mlp_out_weight(layer)
+    def edit(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec],
+             options: FTOptions, context: EditContext) -> dict[str, "torch.Tensor"]:
+        import torch
+        from torch.func import functional_call
+
+        from kedit.scoring import target_logprobs
+
+        pname = context.arch.mlp_out_weight(options.layer)
         w0 = model.get_parameter(pname).detach()
         params = {n: p.detach() for n, p in model.named_parameters()}
         delta = torch.zeros_like(w0, requires_grad=True)
@@ -75,7 +76,9 @@ class FT(Editor):
         return {pname: delta.detach().to(torch.float32)}
 
     @staticmethod
-    def _batch(tokenizer: Any, specs: list[EditSpec], objective: str, device: torch.device):
+    def _batch(tokenizer: Any, specs: list[EditSpec], objective: str, device: "torch.device"):
+        from kedit.scoring import teacher_forced_batch
+
         ids, mask, spans = teacher_forced_batch(tokenizer, [s.text for s in specs], [s.target_new for s in specs])
         if objective == "prompt_last":
             spans = [([pos[0]] * len(toks), toks) for pos, toks in spans]

@@ -15,9 +15,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from kedit import hookimpl
-from kedit.api import EvalResult, Evaluator, Options
-from kedit.errors import InputError
+from kedit.api import EvalResult, Evaluator, InputError, Options, hookimpl
 
 LETTERS = "ABCDEFGHIJ"
 Item = tuple[str, list[str], int]  # prompt, option continuations, index of the right one
@@ -147,6 +145,8 @@ class Glue(Evaluator):
     primary = "data"
     uses_specs = False
     data_kind = "folder"
+    task_metric = "acc"
+    headline = ("mean.acc",)
 
     def evaluate(self, model, tokenizer, specs, options, context) -> EvalResult:
         from kedit.scoring import TeacherForced

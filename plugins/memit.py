@@ -2,28 +2,26 @@
 
 z = v_init + δ is optimised at the output of the last edited layer L. Then, layer by layer,
 keys K and the residual R = Z − H_L are recomputed on the partly edited model, R is divided over
-the layers still to go, and ΔW_l = R_l Kᵀ (λ C0 + K Kᵀ)⁻¹ (float64, Cholesky). AlphaEdit and
-EMMET reuse everything here and change only :meth:`Memit.solve`.
+the layers still to go, and ΔW_l = R_l Kᵀ (λ C0 + K Kᵀ)⁻¹ (float64, Cholesky). AlphaEdit, EMMET
+and NSE reuse everything here and change only :meth:`Memit.solve` (with what :meth:`Memit.begin`
+prepares for one call, passed along as a value).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from kedit_plugins.lte import capture, values
-from kedit_plugins.lte.prompts import context_templates, fact_row
-from kedit_plugins.lte.solve import memit_delta, stored_lowrank
+from kedit_plugins.lte.options import ROTARY, ValueOptions, default_weight_decay
 from pydantic import Field
 
-from kedit import hookimpl
-from kedit.api import EditContext, Editor, Options
-from kedit.arch import num_layers, resolve_layer
-from kedit.delta import to_dense
-from kedit.spec import EditSpec
+from kedit.api import EditContext, Editor, EditSpec, Options, hookimpl, num_layers, resolve_layer
+
+if TYPE_CHECKING:
+    import torch
+    from kedit_plugins.lte.values import Values
 
 
-class MemitOptions(values.ValueOptions, Options):
+class MemitOptions(ValueOptions, Options):
     layers: list[int] | None = Field(None, description="edited layers; default: 13%–27% of the depth (4–8 of 30 for SmolLM2)")
     mom2_update_weight: float | None = Field(
         None, gt=0, description="λ: weight of the preserved keys' statistics C0; default 2000 for rotary decoders "
@@ -35,9 +33,9 @@ class MemitOptions(values.ValueOptions, Options):
 
 def family_defaults(options: Any, config) -> Any:
     """Fill the options left unset with the defaults of the model's family."""
-    rotary = config.model_type in values.ROTARY
+    rotary = config.model_type in ROTARY
     fill = {"mom2_update_weight": 2000.0 if rotary else 15000.0, "clamp_norm_factor": 4.0 if rotary else 0.75,
-            "v_weight_decay": values.default_weight_decay(config)}
+            "v_weight_decay": default_weight_decay(config)}
     return options.model_copy(update={k: v for k, v in fill.items() if getattr(options, k) is None})
 
 
@@ -52,30 +50,35 @@ class Memit(Editor):
 
     name = "memit"
     Options = MemitOptions
+    regularizes_in_loop = True
 
-    def resolve(self, options: Any, model: torch.nn.Module) -> Any:
+    def resolve(self, options: Any, model: "torch.nn.Module") -> Any:
         options = family_defaults(options, model.config)
         layers = sorted({resolve_layer(l, model.config) for l in (options.layers or default_layers(model.config))})
         return options.model_copy(update={"layers": layers})
 
-    def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
+    def edit(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: Any,
              context: EditContext) -> dict[str, Any]:
-        options = self.resolve(options, model)
+        from kedit_plugins.lte.prompts import fact_row
+
         layers = options.layers
         templates, vals = self.targets(model, tokenizer, specs, options, context)
-        c0 = context.stats.second_moment(model, tokenizer, layers)
+        c0 = context.need_stats().second_moment(model, tokenizer, layers)
         key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
         overrides: dict[str, torch.Tensor] = {}
-        self.begin(model, tokenizer, specs, layers, c0, options, context)
-        deltas = self.spread(model, tokenizer, specs, templates, vals.z, layers, c0, options, context, overrides)
-        self.end(model, tokenizer, specs, layers, key_rows, overrides, context)
+        call = self.begin(model, tokenizer, specs, layers, c0, options, context)
+        deltas = self.spread(model, tokenizer, specs, templates, vals.z, layers, c0, options, context, overrides, call)
+        self.end(model, tokenizer, specs, layers, key_rows, overrides, context, call)
         return deltas
 
-    def targets(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
-                context: EditContext, from_base: bool = False) -> tuple[list[str], values.Values]:
+    def targets(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: Any,
+                context: EditContext, from_base: bool = False) -> tuple[list[str], "Values"]:
         """Context templates (always the sequence base's, so a sequence keeps them in any process)
         and z at the last edited layer, on the live model or, ``from_base``, on the sequence's
         original one (D4S, NSE)."""
+        from kedit_plugins.lte import values
+        from kedit_plugins.lte.prompts import context_templates
+
         with context.at_base():
             templates = context_templates(model, tokenizer, [(10, 5)], seed=context.seed)
         with context.at_base() if from_base else contextlib.nullcontext():
@@ -83,11 +86,17 @@ class Memit(Editor):
                                    options, progress=context.progress)
         return templates, vals
 
-    def spread(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], templates: list[str],
-               z: torch.Tensor, layers: list[int], c0: dict[int, torch.Tensor], options: Any, context: EditContext,
-               overrides: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def spread(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], templates: list[str],
+               z: "torch.Tensor", layers: list[int], c0: dict[int, "torch.Tensor"], options: Any,
+               context: EditContext, overrides: dict[str, "torch.Tensor"], call: Any = None) -> dict[str, Any]:
         """One MEMIT pass: layer by layer, keys and the residual Z − H_L on the model as edited so
         far (``overrides``, updated), the residual's share for the layer, and :meth:`solve`."""
+        from kedit_plugins.lte import capture
+        from kedit_plugins.lte.prompts import fact_row
+        from kedit_plugins.lte.solve import stored_lowrank
+
+        from kedit.delta import to_dense
+
         arch, last = context.arch, layers[-1]
         key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
         plain_rows = [fact_row(tokenizer, "{}", s, i, with_target=False) for i, s in enumerate(specs)]
@@ -97,7 +106,7 @@ class Memit(Editor):
             keys = capture.average_by_request(acts[("key", layer)], key_rows, len(specs)).T  # (d_k, n)
             h = capture.at_lookup(model, tokenizer, arch, plain_rows, block_layers=[last], overrides=overrides)
             residual = (z - h[("block", last)]).T / (len(layers) - i)  # (d, n)
-            u, v = self.solve(layer, residual, keys, c0[layer], options)
+            u, v = self.solve(layer, residual, keys, c0[layer], options, call)
             pname = arch.mlp_out_weight(layer)
             deltas[pname] = stored_lowrank(arch, u, v)
             if context.regularize is not None:  # --reg-in-loop: later layers make up for what it removes
@@ -106,14 +115,18 @@ class Memit(Editor):
             overrides[pname] = w + to_dense(deltas[pname]).to(w.device, w.dtype)
         return deltas
 
-    def begin(self, model, tokenizer, specs, layers, c0, options, context) -> None:
-        """Hook for subclasses that prepare per-layer state (AlphaEdit's null-space bases)."""
+    def begin(self, model, tokenizer, specs, layers, c0, options, context) -> Any:
+        """What one call's solves share (AlphaEdit's null-space bases); handed to :meth:`solve`
+        and :meth:`end` as ``call``."""
+        return None
 
-    def end(self, model, tokenizer, specs, layers, key_rows, overrides, context) -> None:
-        """Hook for subclasses that update carried state after the edit (AlphaEdit's key sums)."""
+    def end(self, model, tokenizer, specs, layers, key_rows, overrides, context, call: Any = None) -> None:
+        """Update carried state after the edit (AlphaEdit's key sums)."""
 
-    def solve(self, layer: int, residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor,
-              options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(self, layer: int, residual: "torch.Tensor", keys: "torch.Tensor", c0: "torch.Tensor",
+              options: Any, call: Any = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        from kedit_plugins.lte.solve import memit_delta
+
         return memit_delta(residual, keys, c0, options.mom2_update_weight)
 
 

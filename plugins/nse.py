@@ -15,19 +15,15 @@ three changes (algorithms.md §1.6):
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from kedit_plugins.lte import capture
-from kedit_plugins.lte.prompts import fact_row
-from kedit_plugins.lte.solve import spd_solve
 from kedit_plugins.memit import Memit, MemitOptions
 from pydantic import Field
 
-from kedit import hookimpl
-from kedit.api import EditContext
-from kedit.delta import add
-from kedit.spec import EditSpec
+from kedit.api import EditContext, EditSpec, hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 class NSEOptions(MemitOptions):
@@ -48,19 +44,23 @@ class NSE(Memit):
     name = "nse"
     Options = NSEOptions
 
-    def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: Any,
+    def edit(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: Any,
              context: EditContext) -> dict[str, Any]:
+        import torch
+        from kedit_plugins.lte import capture
+        from kedit_plugins.lte.prompts import fact_row
+
+        from kedit.delta import add
+
         arch = context.arch
-        options = self.resolve(options, model)
         layers, last = options.layers, options.layers[-1]
         templates, vals = self.targets(model, tokenizer, specs, options, context, from_base=True)  # weights rewinding
-        c0 = context.stats.second_moment(model, tokenizer, layers)
+        c0 = context.need_stats().second_moment(model, tokenizer, layers)
         state = context.state if context.state is not None else {}
-        self._prior = {l: state.get(f"nse.kk.{l}") for l in layers}
+        call = {"prior": {l: state.get(f"nse.kk.{l}") for l in layers}}
         plain_rows = [fact_row(tokenizer, "{}", s, i, with_target=False) for i, s in enumerate(specs)]
         overrides: dict[str, torch.Tensor] = {}
         deltas: dict[str, Any] = {}
-        self.rounds: list[int] = []
         lower = upper = None
         for m in range(options.max_iterations):
             h = capture.at_lookup(model, tokenizer, arch, plain_rows, block_layers=[last], overrides=overrides)
@@ -71,9 +71,8 @@ class NSE(Memit):
             todo = [j for j in range(len(specs)) if float(lower[j]) < float(dist[j]) < float(upper[j])]
             if not todo or m == options.max_iterations - 1:
                 break
-            self.rounds.append(len(todo))
             sub = self.spread(model, tokenizer, [specs[j] for j in todo], templates, vals.z[todo], layers, c0,
-                              options, context, overrides)
+                              options, context, overrides, call)
             deltas = {n: add(deltas[n], d) if n in deltas else d for n, d in sub.items()}
         if not deltas:  # nothing needed editing: an explicit zero change
             deltas = {arch.mlp_out_weight(l): torch.zeros_like(model.get_parameter(arch.mlp_out_weight(l)))
@@ -83,13 +82,16 @@ class NSE(Memit):
             acts = capture.at_lookup(model, tokenizer, arch, key_rows, key_layers=layers, overrides=overrides)
             for layer in layers:
                 k = capture.average_by_request(acts[("key", layer)], key_rows, len(specs)).T
-                prior = self._prior[layer]
+                prior = call["prior"][layer]
                 context.state[f"nse.kk.{layer}"] = k @ k.T + (prior if prior is not None else 0)
         return deltas
 
-    def solve(self, layer: int, residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor,
-              options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(self, layer: int, residual: "torch.Tensor", keys: "torch.Tensor", c0: "torch.Tensor",
+              options: Any, call: Any = None) -> tuple["torch.Tensor", "torch.Tensor"]:
         """ΔW[:, S] = R A_Sᵀ with A_S = (λ C0 + Cp + K Kᵀ)[S,S]⁻¹ K_S; zero outside the selected S."""
+        import torch
+        from kedit_plugins.lte.solve import spd_solve
+
         keys = keys.to(c0)
         score = keys.abs().sum(dim=1)
         order = torch.argsort(score, descending=True, stable=True)
@@ -97,7 +99,7 @@ class NSE(Memit):
         count = min(int(torch.searchsorted(cover, torch.tensor(options.neuron_threshold, dtype=cover.dtype))) + 1,
                     len(order))
         sel = torch.sort(order[:count]).values
-        prior = self._prior.get(layer)
+        prior = call["prior"].get(layer)
         m = options.mom2_update_weight * c0 + keys @ keys.T + (prior.to(c0) if prior is not None else 0)
         a = torch.zeros_like(keys)
         a[sel] = spd_solve(m[sel][:, sel], keys[sel])

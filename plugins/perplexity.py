@@ -6,10 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from kedit import hookimpl
-from kedit.api import EvalResult, Evaluator, Options
-from kedit.errors import InputError
-from kedit.scoring import window_nll
+from kedit.api import EvalResult, Evaluator, InputError, Options, hookimpl
 
 
 class PerplexityOptions(Options):
@@ -24,7 +21,7 @@ def read_text(path: str) -> str:
     if not p.is_file():
         raise InputError(f"perplexity: data {path}: no such file")
     if p.suffix.lower() in (".json", ".jsonl"):
-        from kedit.stats import read_documents
+        from kedit.corpus import read_documents
 
         return "\n\n".join(read_documents(p))
     try:
@@ -42,8 +39,11 @@ class Perplexity(Evaluator):
     Options = PerplexityOptions
     primary = "data"
     uses_specs = False
+    headline = ("ppl",)
 
     def evaluate(self, model, tokenizer, specs, options, context) -> EvalResult:
+        from kedit.scoring import window_nll
+
         config = getattr(model, "config", None)
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         window = min(options.window, limit) if limit else options.window  # never past the position table

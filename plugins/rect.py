@@ -3,11 +3,14 @@ change |ΔW| / (|W| + eps) and zeroes the rest, the elements that harm general a
 being those with large relative change."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
-from kedit import hookimpl
-from kedit.api import Options, Regularizer
+from kedit.api import Options, Regularizer, hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RectOptions(Options):
@@ -22,7 +25,9 @@ class Rect(Regularizer):
     Options = RectOptions
     primary = "k"
 
-    def apply(self, weight: torch.Tensor, delta: torch.Tensor, options: RectOptions) -> torch.Tensor:
+    def apply(self, weight: "torch.Tensor", delta: "torch.Tensor", options: RectOptions) -> "torch.Tensor":
+        import torch
+
         rel = (delta.abs().double() / (weight.abs().double() + options.eps)).reshape(-1)
         keep = int(round(options.k * rel.numel()))
         out = torch.zeros_like(delta).reshape(-1)

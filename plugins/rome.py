@@ -7,23 +7,18 @@ Several specs are applied one after another, each computed on the model the prev
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from kedit_plugins.lte import capture, values
-from kedit_plugins.lte.prompts import context_templates, fact_row
-from kedit_plugins.lte.solve import spd_solve, stored_lowrank
-from kedit_plugins.lte.values import default_weight_decay
+from kedit_plugins.lte.options import ValueOptions, default_weight_decay
 from pydantic import Field
 
-from kedit import hookimpl
-from kedit.api import EditContext, Editor, Options
-from kedit.arch import num_layers, resolve_layer
-from kedit.delta import add, to_dense
-from kedit.spec import EditSpec
+from kedit.api import EditContext, Editor, EditSpec, Options, hookimpl, num_layers, resolve_layer
+
+if TYPE_CHECKING:
+    import torch
 
 
-class RomeOptions(values.ValueOptions, Options):
+class RomeOptions(ValueOptions, Options):
     layer: int | None = Field(None, description="edited layer; default: 17% of the depth (layer 5 of 30 for SmolLM2)")
     mom2_adjustment: bool = Field(True, description="weight the update by the key statistics C0 (false: C0 = I)")
     original: bool = Field(False, description="ROME's original asymmetric keys (k̄ in u, the plain prompt's key in "
@@ -40,23 +35,28 @@ class Rome(Editor):
     name = "rome"
     Options = RomeOptions
 
-    def resolve(self, options: RomeOptions, model: torch.nn.Module) -> RomeOptions:
+    def resolve(self, options: RomeOptions, model: "torch.nn.Module") -> RomeOptions:
         layer = resolve_layer(default_layer(model.config) if options.layer is None else options.layer, model.config)
         wd = options.v_weight_decay
         return options.model_copy(update={"layer": layer, "v_weight_decay":
                                           default_weight_decay(model.config) if wd is None else wd})
 
-    def edit(self, model: torch.nn.Module, tokenizer: Any, specs: list[EditSpec], options: RomeOptions,
+    def edit(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: RomeOptions,
              context: EditContext) -> dict[str, Any]:
+        import torch
+        from kedit_plugins.lte.prompts import context_templates
+        from kedit_plugins.lte.solve import stored_lowrank
+
+        from kedit.delta import add, to_dense
+
         arch = context.arch
-        options = self.resolve(options, model)
         layer = options.layer
         pname = arch.mlp_out_weight(layer)
         w0 = model.get_parameter(pname).detach()
         with context.at_base():  # a sequence keeps its base model's templates, in any process
             templates = context_templates(model, tokenizer, [(5, 10), (10, 10)], seed=context.seed)
         if options.mom2_adjustment:
-            c0 = context.stats.second_moment(model, tokenizer, [layer])[layer]
+            c0 = context.need_stats().second_moment(model, tokenizer, [layer])[layer]
         else:
             c0 = torch.eye(arch.to_out_in(w0).shape[1], dtype=torch.float64)
         total = None
@@ -70,6 +70,10 @@ class Rome(Editor):
 
     @staticmethod
     def _one(model, tok, arch, spec, templates, layer, c0, options, overrides, context):
+        from kedit_plugins.lte import capture, values
+        from kedit_plugins.lte.prompts import fact_row
+        from kedit_plugins.lte.solve import spd_solve
+
         rows = [fact_row(tok, t, spec, 0, with_target=False) for t in templates]
         acts = capture.at_lookup(model, tok, arch, rows, key_layers=[layer], mlp_out_layers=[layer],
                                  overrides=overrides)

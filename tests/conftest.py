@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import importlib
 import json
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +13,35 @@ import pytest
 from kedit.testing import save_tiny
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PLUGIN_PKG = Path(__file__).parent / "plugin_pkg"
+PLUGIN_SITE: Path | None = None  # where pytest_configure installed the third-party test plugin
+
+
+def pytest_configure(config):
+    """Install the third-party test plugin (``kedit-bias-nudge``) once per session, offline, into a
+    private folder on sys.path: every in-process test, the editor contract matrix above all, then
+    sees it through its entry point exactly as a user's installed plugin."""
+    global PLUGIN_SITE
+    root = Path(tempfile.mkdtemp(prefix="kedit-plugin-"))
+    src = root / "src"
+    shutil.copytree(PLUGIN_PKG, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                           "--disable-pip-version-check", "--quiet", "--target", str(root / "site"), str(src)],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise pytest.UsageError(f"could not install tests/plugin_pkg: {proc.stdout}{proc.stderr}")
+    PLUGIN_SITE = root / "site"
+    sys.path.insert(0, str(PLUGIN_SITE))
+    importlib.invalidate_caches()
+    config._kedit_plugin_root = root
+
+
+def pytest_unconfigure(config):
+    root = getattr(config, "_kedit_plugin_root", None)
+    if root is not None:
+        if str(root / "site") in sys.path:
+            sys.path.remove(str(root / "site"))
+        shutil.rmtree(root, ignore_errors=True)
 
 TINY_SPECS = [
     {"id": "fr", "subject": "France", "prompt": "The capital of {} is", "target_new": "Rome", "target_true": "Paris",

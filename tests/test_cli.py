@@ -127,7 +127,8 @@ def test_import_and_check(run_cli, workdir):
                                               "locality_prompt": "John Lennon performs on the",
                                               "locality_ground_truth": "guitar"}])
     code, out, err = run_cli("import", "counterfact", src, "-o", workdir / "cf-specs.jsonl")
-    assert code == 0, err and "wrote 1 specs" in out
+    assert code == 0, err
+    assert "wrote 1 specs" in out
     code, out, _ = run_cli("check", workdir / "cf-specs.jsonl")
     assert code == 0 and "1 edit specs, all valid" in out
 

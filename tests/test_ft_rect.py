@@ -6,8 +6,8 @@ import torch
 from conftest import TINY_SPECS
 
 from kedit import diff as diffmod
-from kedit.editing import compute_diff, resolve_editor, resolve_regs
-from kedit.models import ModelSource
+from kedit.editing import EditPlan, compute_diff
+from kedit.models import LoadedModel, ModelSource
 from kedit.scoring import target_probs
 from kedit.spec import EditSpec
 from kedit.testing import tiny_model, tiny_tokenizer
@@ -18,8 +18,8 @@ SOURCE = ModelSource("tiny", None, "folder")
 def _run(kind, options=None, regs=(), seed=0):
     model, tok = tiny_model(kind), tiny_tokenizer()
     specs = [EditSpec(**s) for s in TINY_SPECS]
-    editor, opts = resolve_editor("ft", {"layer": 1, "steps": 20, "lr": 0.05, **(options or {})})
-    return model, tok, specs, compute_diff(model, tok, SOURCE, specs, editor, opts, resolve_regs(regs), seed=seed)
+    plan = EditPlan.make(model, "ft", {"layer": 1, "steps": 20, "lr": 0.05, **(options or {})}, regs, seed=seed)
+    return model, tok, specs, compute_diff(LoadedModel(model, tok, SOURCE), specs, plan)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -49,9 +49,28 @@ def test_ft_is_deterministic_under_a_seed():
     assert _run("llama", seed=3)[3].id == _run("llama", seed=3)[3].id
 
 
-def test_ft_prompt_last_objective_runs():
-    model, tok, specs, d = _run("gpt2", {"objective": "prompt_last", "steps": 5})
+def test_ft_prompt_last_objective_scores_every_target_token_at_the_last_prompt_position():
+    from kedit.scoring import target_ids
+
+    model, tok, specs, d = _run("gpt2", {"objective": "prompt_last", "norm_constraint": None})
+    _, _, _, tf = _run("gpt2", {"norm_constraint": None})
     assert d.manifest["editor"]["options"]["objective"] == "prompt_last"
+    assert not torch.equal(next(iter(d.deltas.values())).tensor, next(iter(tf.deltas.values())).tensor)
+    # FT-L trains each target token to follow the prompt directly: after the edit the first tokens
+    # of both targets gained at the last prompt position (next-token probability after the prompt).
+    def first_token_probs():
+        out = []
+        for s in specs:
+            ids = tok(s.text, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                probs = model(input_ids=ids).logits[0, -1].softmax(-1)
+            out.append(float(probs[target_ids(tok, s.target_new)[0]]))
+        return out
+
+    before = first_token_probs()
+    diffmod.apply(model, d)
+    after = first_token_probs()
+    assert all(b > 3 * a for a, b in zip(before, after)), (before, after)
 
 
 @pytest.mark.parametrize("k", [0.4, 0.1, 1.0])
@@ -96,6 +115,6 @@ def test_host_refuses_an_editor_that_mutates_the_model():
             return {"transformer.h.0.mlp.c_proj.weight": torch.zeros_like(w)}
 
     model, tok = tiny_model("gpt2"), tiny_tokenizer()
-    entry = Registered("bad", Bad, "bad", "local", "0")
+    plan = EditPlan(Registered("bad", Bad, "bad", "local", "0"), Bad.Options())
     with pytest.raises(KeditError, match="changed the model in place"):
-        compute_diff(model, tok, SOURCE, [EditSpec(**TINY_SPECS[0])], entry, Bad.Options())
+        compute_diff(LoadedModel(model, tok, SOURCE), [EditSpec(**TINY_SPECS[0])], plan)

@@ -165,10 +165,10 @@ def test_memit_spreads_over_layers_and_alphaedit_respects_the_null_space(stats):
 
     model, tok, arch, specs = _setup("llama")
     ctx = EditContext(arch=arch, stats=stats)
-    out = Memit().edit(model, tok, specs, Memit.Options(layers=[1, 2], **FAST_V), ctx)
+    out = Memit().edit(model, tok, specs, Memit().resolve(Memit.Options(layers=[1, 2], **FAST_V), model), ctx)
     assert sorted(out) == [arch.mlp_out_weight(1), arch.mlp_out_weight(2)]
     state: dict = {}
-    opts = AlphaEdit.Options(layers=[1, 2], nullspace_threshold=0.05, **FAST_V)
+    opts = AlphaEdit().resolve(AlphaEdit.Options(layers=[1, 2], nullspace_threshold=0.05, **FAST_V), model)
     out = AlphaEdit().edit(model, tok, specs, opts, EditContext(arch=arch, stats=stats, state=state))
     for layer in (1, 2):
         c0 = stats.second_moment(model, tok, [layer])[layer]

@@ -76,6 +76,34 @@ def test_option_validation_messages():
         validate("editor", "x", _Opts, {"steps": "many"})
 
 
-def test_regularizer_contract_is_abstract():
-    with pytest.raises(TypeError):
-        Regularizer()  # type: ignore[abstract]
+class _NoApply(Regularizer):
+    name = "noapply"  # never implements apply
+
+
+class _NotAnEditor:
+    name = "plain"
+
+    def edit(self, *args):
+        return {}
+
+
+@pytest.mark.parametrize("kind, obj, message", [
+    ("regularizers", _NoApply, "not a concrete kedit.api.Regularizer subclass"),
+    ("editors", _NotAnEditor, "not a concrete kedit.api.Editor subclass"),
+    ("editors", type("Nameless", (_Dup,), {"name": ""}), "not a concrete kedit.api.Editor subclass with a name"),
+])
+def test_registrations_that_break_the_contract_are_refused_naming_the_package(kind, obj, message):
+    class Bad:
+        pass
+
+    def hook(register):
+        register(obj)
+
+    setattr(Bad, f"register_{kind}", staticmethod(hookimpl(hook)))
+    register_plugin(Bad, name="bad", package="kedit-bad", version="1")
+    try:
+        with pytest.raises(KeditError, match=rf"plugin 'bad' \(package kedit-bad\) registered .*{message}"):
+            registry(kind)
+    finally:
+        unregister_plugin("bad")
+    registry(kind)  # and the registry works again once it is gone

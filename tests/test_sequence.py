@@ -31,15 +31,22 @@ def env(tmp_path, monkeypatch, tiny_dirs):
     return {"tmp": tmp_path, "model": str(tiny_dirs["llama"]), "corpus": str(corpus)}
 
 
-def _run(env, idx, out, editor="memit", batch_size=2, name="specs", options=None, **kw):
-    from kedit.workflows import apply_sequence
+def _config(env, **kw):
+    from kedit.config import RunConfig, StatsConfig
+
+    return RunConfig(model=env["model"], stats=StatsConfig(env["corpus"], 1500), quiet=True, **kw)
+
+
+def _run(env, idx, out, editor="memit", batch_size=2, name="specs", options=None, evaluators=(), **kw):
+    from kedit.config import EditJob, RunConfig
+    from kedit.workflows import apply
 
     spec = write_jsonl(env["tmp"] / f"{name}.jsonl", _specs(idx))
     if kw.get("continue_chain"):
-        return apply_sequence(spec, None, model=env["model"], quiet=True, **kw)
+        return apply(EditJob(spec, **kw), RunConfig(model=env["model"], quiet=True))
     options = {**FAST, **(options or {})}
-    return apply_sequence(spec, editor, options, model=env["model"], out=out, batch_size=batch_size,
-                          corpus=env["corpus"], stats_tokens=1500, quiet=True, **kw)
+    job = EditJob(spec, editor, options, mode="sequential", out=out, batch_size=batch_size, **kw)
+    return apply(job, _config(env, evaluators=evaluators))
 
 
 def _final_weights(env, chain_dir):
@@ -73,34 +80,17 @@ def test_chain_links_each_batch_to_the_last_and_squash_equals_it(env):
 
 
 def test_sequential_batch_of_all_equals_batch_mode(env):
-    from kedit.workflows import apply_specs
+    from kedit.config import EditJob
+    from kedit.workflows import apply
 
     seq = _run(env, [0, 1, 2], env["tmp"] / "chain", batch_size=3)
     spec = write_jsonl(env["tmp"] / "b.jsonl", _specs([0, 1, 2]))
-    one = apply_specs(spec, "memit", dict(FAST), model=env["model"], out=env["tmp"] / f"b{diffmod.SUFFIX}",
-                      corpus=env["corpus"], stats_tokens=1500, quiet=True)
+    one = apply(EditJob(spec, "memit", dict(FAST), out=env["tmp"] / f"b{diffmod.SUFFIX}"), _config(env))
     a = diffmod.read(Path(seq["chain"]) / "step-0001.kedit.safetensors")
     b = diffmod.read(one["diff"])
     assert a.deltas.keys() == b.deltas.keys()
     for n in a.deltas:  # the same computation: bit-identical results
         assert a.manifest["entries"][n]["post_sha256"] == b.manifest["entries"][n]["post_sha256"]
-
-
-@pytest.mark.parametrize("editor", ["d4s", "alphaedit", "nse", "memit"])
-def test_continue_in_a_new_call_gives_identical_results(env, editor):
-    from kedit.sequence import Chain
-
-    whole = _run(env, [0, 1, 2, 3], env["tmp"] / "whole", editor=editor)
-    half = _run(env, [0, 1], env["tmp"] / "half", editor=editor)
-    assert len(Chain.open(half["chain"]).steps) == 1
-    # the spec file now holds all four: the two already in the chain are skipped
-    _run(env, [0, 1, 2, 3], None, name="all", continue_chain=half["chain"])
-    w1, w2 = _final_weights(env, whole["chain"]), _final_weights(env, half["chain"])
-    assert all(torch.equal(w1[n], w2[n]) for n in w1)
-    s1, s2 = Chain.open(whole["chain"]).state(), Chain.open(half["chain"]).state()
-    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
-    if editor != "memit":
-        assert s1, "a stateful editor saves its state beside the chain"
 
 
 def test_d4s_sequence_equals_one_batch_over_all_edits(env):
@@ -116,7 +106,7 @@ def test_d4s_removing_one_edit_matches_never_making_it(env):
     from kedit.workflows import remove_from_chain
 
     full = _run(env, [0, 1, 2, 3], env["tmp"] / "full", editor="d4s")
-    r = remove_from_chain(full["chain"], ["s1"], model=env["model"], quiet=True)
+    r = remove_from_chain(full["chain"], ["s1"], _config(env))
     assert r["removes"] == ["s1"] and r["edits"] == 3
     chain = Chain.open(full["chain"])
     assert chain.spec_ids() == ["s0", "s2", "s3"] and chain.diffs()[-1].manifest["removes"] == ["s1"]
@@ -129,7 +119,7 @@ def test_d4s_removing_one_edit_matches_never_making_it(env):
         # keys and z come from float32 forwards whose batches differ: equal to float32 precision
         assert float((s1[k] - s2[k]).abs().max()) <= 1e-4 * float(s2[k].abs().max()), k
     with pytest.raises(Exception, match="no edit 's1' in effect"):
-        remove_from_chain(full["chain"], ["s1"], model=env["model"], quiet=True)
+        remove_from_chain(full["chain"], ["s1"], _config(env))
 
 
 def test_removal_is_refused_for_an_editor_without_sums(env, run_cli):
@@ -212,22 +202,21 @@ def test_nse_updates_only_the_selected_key_dimensions(env):
 
 def test_rect_in_the_loop_masks_each_layer_before_the_next_is_solved(env):
     from kedit.delta import to_dense
-    from kedit.editing import compute_diff, resolve_editor, resolve_regs
+    from kedit.editing import EditPlan, compute_diff
     from kedit.models import load
     from kedit.spec import EditSpec
     from kedit.stats import KeyStats
 
-    model, tok, source = load(env["model"], quiet=True)
+    loaded = load(env["model"])
     specs = [EditSpec(**s) for s in _specs([0, 1])]
-    editor, opts = resolve_editor("memit", dict(FAST))
     stats = KeyStats(corpus=env["corpus"], n_tokens=1500)
-    runs = {flag: compute_diff(model, tok, source, specs, editor, opts, resolve_regs(["rect:0.4"]), stats=stats,
-                               reg_in_loop=flag) for flag in (False, True)}
+    runs = {flag: compute_diff(loaded, specs, EditPlan.make(loaded.model, "memit", dict(FAST), ["rect:0.4"], flag,
+                                                            stats=stats)) for flag in (False, True)}
     first, second = sorted(runs[True].deltas)
     assert runs[True].manifest["regularized_in_loop"] == [first, second]
     assert "regularized_in_loop" not in runs[False].manifest
     for d in runs.values():
-        for name, delta in d.deltas.items():
+        for delta in d.deltas.values():
             assert int((to_dense(delta) != 0).sum()) == round(0.4 * to_dense(delta).numel())  # exact fraction
     # the first layer is solved before anything was masked: the same; the second sees the mask
     assert torch.equal(to_dense(runs[True].deltas[first]), to_dense(runs[False].deltas[first]))

@@ -137,9 +137,9 @@ def test_cache_is_keyed_by_content(tok, corpus, tmp_path, monkeypatch, cache_dir
     assert calls[0] == 3
 
 
-def test_model_sampled_default_is_offline_and_seeded(tok, tmp_path, monkeypatch):
+def test_model_sampled_corpus_is_offline_and_seeded(tok, tmp_path, monkeypatch):
     model = tiny_model("llama")
-    kw = {"n_tokens": 60, "max_len": 4}  # one generate call of 4 steps
+    kw = {"corpus": "sampled", "n_tokens": 60, "max_len": 4}  # one generate call of 4 steps
     a = S.KeyStats(**kw)
     ma = a.second_moment(model, tok, [1])
     rec = a.record()
@@ -185,7 +185,8 @@ def test_cli(run_cli, tiny_dirs, corpus):
     code, out, err = run_cli("stats", "compute", "--model", tiny_dirs["gpt2"], "--corpus", corpus, "--layers", "-1",
                              "--max-len", "32", "--tokens", "500")
     assert code == 0 and "cache file" in out and " 3 " in out and "disk" not in out
-    code, _, err = run_cli("stats", "compute", "--model", tiny_dirs["gpt2"], "--corpus", corpus, "--layers", "0")
+    code, _, err = run_cli("stats", "compute", "--model", tiny_dirs["gpt2"], "--corpus", corpus, "--layers", "0",
+                           "--max-len", "256")
     assert code == 2 and "exceeds the model's context" in err
     code, _, err = run_cli("stats", "compute", "--model", tiny_dirs["gpt2"], "--corpus", corpus)
     assert code == 2 and "--layers" in err

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,23 +17,16 @@ import pytest
 from kedit import diff as diffmod
 from kedit.testing import save_tiny
 
-PKG = Path(__file__).parent / "plugin_pkg"
 SPEC = {"subject": "France", "prompt": "The capital of {} is", "target_new": "Rome", "target_true": "Paris"}
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    """The plugin package, pip-installed (no deps, no index, no build isolation) into a target folder."""
-    root = tmp_path_factory.mktemp("nudge")
-    src = root / "src"
-    shutil.copytree(PKG, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))  # pip builds in tree
-    target = root / "site"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                           "--disable-pip-version-check", "--quiet", "--target", str(target), str(src)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (target / "kedit_bias_nudge" / "__init__.py").is_file()
-    return target
+def site() -> Path:
+    """The plugin package, pip-installed (no deps, no index, no build isolation) by conftest."""
+    import conftest
+
+    assert conftest.PLUGIN_SITE is not None and (conftest.PLUGIN_SITE / "kedit_bias_nudge" / "__init__.py").is_file()
+    return conftest.PLUGIN_SITE
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +85,7 @@ def test_apply_with_the_third_party_editor(site, models, tmp_path, kind):
     assert editor["name"] == "nudge"
     assert editor["package"] == "kedit-bias-nudge"
     assert editor["version"] == "0.1.0"
-    assert editor["options"] == {"layer": -1, "scale": 5.0}
+    assert editor["options"] == {"layer": 3, "scale": 5.0}  # resolved for the model: the last of its 4 layers
     (param, entry), = d.manifest["entries"].items()  # one matrix: the last layer's MLP output
     assert param == {"gpt2": "transformer.h.3.mlp.c_proj.weight", "llama": "model.layers.3.mlp.down_proj.weight"}[kind]
     assert entry["encoding"] == "lowrank" and entry["rank"] == 1

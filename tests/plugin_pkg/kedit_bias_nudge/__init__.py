@@ -7,14 +7,12 @@ the residual stream at that token, which raises the logit of the new target.
 """
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
-import kedit
-from kedit.api import Editor, Options
-from kedit.arch import resolve_layer
-from kedit.delta import LowRank
-from kedit.scoring import target_ids
+# Everything a plugin needs comes from kedit.api. What needs torch (torch itself, the delta
+# encodings, the tokenization helpers) is imported inside the methods that use it, so that
+# `kedit --help` and `kedit editors` stay fast with the plugin installed.
+from kedit.api import Editor, Options, hookimpl, resolve_layer
 
 
 class NudgeOptions(Options):  # extra="forbid": a mistyped `-o` key is an error
@@ -28,9 +26,23 @@ class Nudge(Editor):
     name = "nudge"
     Options = NudgeOptions
 
-    @torch.no_grad()
+    def resolve(self, options, model):
+        # Options left to the model (here: a negative layer index) are resolved once by the host,
+        # and the diff's manifest records the resolved values.
+        return options.model_copy(update={"layer": resolve_layer(options.layer, model.config)})
+
     def edit(self, model, tokenizer, specs, options, context):
-        layer = resolve_layer(options.layer, model.config)
+        import torch
+
+        with torch.no_grad():
+            return self._edit(model, tokenizer, specs, options, context)
+
+    def _edit(self, model, tokenizer, specs, options, context):
+        import torch
+
+        from kedit.api import LowRank, target_ids
+
+        layer = options.layer
         pname = context.arch.mlp_out_weight(layer)  # e.g. "transformer.h.3.mlp.c_proj.weight"
         module = model.get_submodule(pname.removesuffix(".weight"))
         d_out, d_in = context.arch.to_out_in(model.get_parameter(pname)).shape
@@ -62,6 +74,6 @@ class Nudge(Editor):
         return {pname: LowRank(u.contiguous(), v.contiguous())}
 
 
-@kedit.hookimpl
+@hookimpl
 def register_editors(register):
     register(Nudge)
