@@ -29,20 +29,21 @@ def main() -> None:
 
     from kedit.arch import arch_for
     from kedit.atomic import atomic_write_text
+    from kedit.config import RunConfig, StatsConfig
     from kedit.evaluate import Evaluation, resolve_evaluators, specs_from_diffs
-    from kedit.models import load
     from kedit.sequence import Chain
-    from kedit.stats import KeyStats
 
     chain = Chain.open(args.chain)
     rec = chain.record
     layers = rec["options"]["layers"] or [4, 5, 6, 7, 8]
     state = chain.state()
     specs = specs_from_diffs(chain.diffs())
-    model, tok, _ = load(rec.get("model"))
-    arch = arch_for(model)
     # chains from before the built-in corpus recorded no corpus for model-sampled text
-    stats = KeyStats(corpus=rec["stats"]["corpus"] or "sampled", n_tokens=rec["stats"]["n_tokens"], seed=rec["seed"])
+    config = RunConfig(model=rec.get("model"), seed=rec["seed"],
+                       stats=StatsConfig(rec["stats"]["corpus"] or "sampled", rec["stats"]["n_tokens"]), quiet=True)
+    model, tok, _ = config.load()
+    arch = arch_for(model)
+    stats = config.stats_provider()
     c0 = stats.second_moment(model, tok, layers)
     base = {l: model.get_parameter(arch.mlp_out_weight(l)).detach().clone() for l in layers}
     chosen = resolve_evaluators(["counterfact"])

@@ -10,12 +10,13 @@ timed apart from the steps.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the kedit command does; must precede torch's import
+from kedit.cli import tune_runtime  # noqa: E402  (light: no torch)
+
+tune_runtime()  # as the kedit command does; must precede torch's import
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402

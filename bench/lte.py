@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the kedit command does; must precede torch's import
+from kedit.cli import tune_runtime  # noqa: E402  (light: no torch)
+
+tune_runtime()  # as the kedit command does; must precede torch's import
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,21 +4,25 @@
     python bench/sweep.py layers --method memit --n 50 --windows 1-5,4-8,7-11,11-15
     python bench/sweep.py layers --method rome --n 10 --layers 2,4,5,6,8,11,15
     python bench/sweep.py tokens --n 100 --tokens 20000,100000,300000 [--methods memit]
+    python bench/sweep.py corpus --n 100 --corpora builtin,sampled,PATH... [--tokens 20000] [--methods memit,memit+rect:0.4]
 
 Cases, scores and perplexity are those of bench/lte.py. In the λ sweep the target values z do
 not depend on λ (only the solve does), so they are optimised once per method and layer and reused; every
-other step (keys, solve, scoring) runs for each λ; likewise across statistics token budgets. ``rome`` edits each case on the unedited model.
+other step (keys, solve, scoring) runs for each λ; likewise across statistics token budgets and
+corpora. ``rome`` edits each case on the unedited model. A method ``NAME+REG`` runs NAME with the
+regularizer REG after the solve (``memit+rect:0.4``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the kedit command does; must precede torch's import
+from kedit.cli import tune_runtime  # noqa: E402  (light: no torch)
+
+tune_runtime()  # as the kedit command does; must precede torch's import
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lte import DATA, cases, single_edits  # noqa: E402
@@ -42,7 +46,7 @@ def _memo_values():
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["lambda", "layers", "tokens"])
+    ap.add_argument("what", choices=["lambda", "layers", "tokens", "corpus"])
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--values", default="2000,5000,10000,20000", help="λ values (lambda sweep)")
     ap.add_argument("--methods", default="memit", help="methods of the λ sweep")
@@ -50,7 +54,10 @@ def main() -> None:
     ap.add_argument("--windows", default="1-5,4-8,7-11,11-15", help="memit layer windows")
     ap.add_argument("--layers", default="2,4,5,6,8,11,15", help="rome layers")
     ap.add_argument("--stats-tokens", type=int, default=300_000)
-    ap.add_argument("--tokens", default="20000,100000,300000", help="statistics budgets (tokens sweep)")
+    ap.add_argument("--tokens", default="20000,100000,300000", help="statistics budgets (tokens sweep; the first "
+                    "one in the corpus sweep)")
+    ap.add_argument("--corpora", default="builtin,sampled", help="statistics corpora (corpus sweep): builtin, sampled "
+                    "or a file")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
 
@@ -75,7 +82,8 @@ def main() -> None:
     print(json.dumps(rows[-1]), file=sys.stderr)
 
     def batch(method: str, raw: dict, label: str, key_stats=stats) -> None:
-        plan = EditPlan.make(model, method, raw, seed=config.seed, stats=key_stats)
+        method, _, reg = method.partition("+")
+        plan = EditPlan.make(model, method, raw, [reg] if reg else [], seed=config.seed, stats=key_stats)
         t = time.perf_counter()
         d = compute_diff(loaded, specs, plan)
         sec = time.perf_counter() - t
@@ -95,6 +103,13 @@ def main() -> None:
             budget = replace(config, stats=replace(config.stats, n_tokens=int(n_tokens))).stats_provider()
             for method in args.methods.split(","):
                 batch(method, {}, f"{method}, statistics over {int(n_tokens):,} tokens", budget)
+    elif args.what == "corpus":
+        n_tokens = int(args.tokens.split(",")[0])
+        for corpus in args.corpora.split(","):
+            budget = replace(config, stats=StatsConfig(corpus, n_tokens, 256)).stats_provider()
+            name = Path(corpus).name if Path(corpus).exists() else corpus
+            for method in args.methods.split(","):
+                batch(method, {}, f"{method}, statistics: {n_tokens:,} tokens of {name}", budget)
     elif args.method == "rome":
         for layer in args.layers.split(","):
             plan = EditPlan.make(model, "rome", {"layer": int(layer)}, seed=config.seed, stats=stats)

@@ -183,6 +183,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         item: dict[str, Any] = {"package": r.package, "plugin": r.plugin, "doc": (r.obj.__doc__ or "").strip().split("\n")[0]}
         if getattr(r.obj, "description", ""):
             item["doc"] = r.obj.description
+        if args.command == "evaluators":
+            item["default"] = bool(getattr(r.obj, "default", False))
         if args.options and hasattr(r.obj, "Options"):
             item["options"] = schema_listing(r.obj.Options)
             if getattr(r.obj, "primary", None):
@@ -193,7 +195,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         width = max([len(i["package"]) for i in out.values()] + [7])
         for name, item in out.items():
-            print(f"{name:<16} {item['package']:<{width}}  {item['doc']}")
+            mark = " (default)" if item.get("default") else ""
+            print(f"{name:<16} {item['package']:<{width}}  {item['doc']}{mark}")
     return 0
 
 
@@ -314,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluators run before and after the edit (see `kedit evaluators`); "
                    "NAME:VALUE sets the primary option, NAME:K=V,K2=V2 several")
     p.add_argument("--data", action="append", default=[], metavar="PATH",
-                   help="data file or folder for evaluators that read one (perplexity, glue)")
+                   help="data file or folder for evaluators that read one (see `kedit evaluators --options`)")
     p.add_argument("--no-cache", action="store_true", help="recompute the unedited model's evaluation")
     p.add_argument("--json", action="store_true", help="print machine-readable results (progress stays on stderr)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -325,10 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diff", action="append", default=[], metavar="DIFF",
                    help="diff to apply (repeat for a chain, in order); the unedited model is evaluated too")
     p.add_argument("--evaluator", action="append", default=[], metavar="NAME[:OPTIONS]",
-                   help="evaluator to run (repeatable; default with specs: counterfact,token-acc)")
+                   help="evaluator to run (repeatable; default with specs: the evaluators marked default in "
+                   "`kedit evaluators`)")
     p.add_argument("--data", action="append", default=[], metavar="PATH",
-                   help="data for evaluators that read a file or folder (perplexity: text; glue: folder of sets); "
-                   "with several, each evaluator takes the one of its kind (glue: a folder; perplexity: a file)")
+                   help="data for evaluators that read a file or folder; with several, each evaluator takes the "
+                   "one of the kind it declares (a file or a folder)")
     p.add_argument("--specs", help="edit specs to evaluate on (default: the specs the diffs record)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sample drawn (recorded)")
     p.add_argument("--label", help="name of this run in reports (default: the diffs' editors)")
@@ -396,11 +400,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # Large CPU tensors on transparent huge pages: first touches of fresh memory cost about 5x
-    # less, which is several seconds per batched edit. Read by torch at its first allocation,
-    # so it only takes effect when torch is not imported yet (the command line).
+def tune_runtime() -> None:
+    """Settings read when torch loads, so they only take effect before it is imported (the
+    command line, the benches). Large CPU tensors on transparent huge pages: first touches of
+    fresh memory cost about 5x less, which is several seconds per batched edit. OpenMP threads
+    that wait spin only briefly before they sleep (libgomp's default is 300,000 spins): when
+    another process shares the cores, spinning threads steal each other's time slices, and the
+    small-op loops of an edit ran 6-20x slower than alone; with a short spin about 2x, at no
+    measurable cost on a quiet machine (bench/first_run.py)."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # libgomp, which torch's CPU wheels use
+        os.environ.setdefault("KMP_BLOCKTIME", "1")  # Intel's OpenMP runtime, in other builds (ms)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    tune_runtime()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

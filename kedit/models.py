@@ -5,10 +5,11 @@ so only the first load pays for the dequantization.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from .atomic import atomic_dir
 from .cache import cache_root, file_sha256
@@ -81,7 +82,7 @@ def _cached_gguf_folder(gguf: Path, progress: Progress) -> tuple[Path, str]:
 
         _quiet_transformers()
         progress.note(f"dequantizing {gguf.name} to fp32: about half a minute, once (cached in {folder})")
-        with progress.stage("dequantizing the model"):
+        with progress.stage("dequantizing the model"), _gguf_progress(progress):
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
             _drop_gguf_quantization(model)
@@ -89,6 +90,26 @@ def _cached_gguf_folder(gguf: Path, progress: Progress) -> tuple[Path, str]:
                 model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
     return folder, digest
+
+
+@contextlib.contextmanager
+def _gguf_progress(progress: Progress) -> Iterator[None]:
+    """transformers draws its own tqdm bar while it converts GGUF tensors, whatever its progress
+    setting; route it through kedit's reporter so a log gets lines, not carriage returns."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another transformers layout: its own bar shows, nothing else changes
+        yield
+        return
+    saved = getattr(gguf_utils, "tqdm", None)
+    if saved is None:
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable=None, **kw: progress(iterable, desc="converting GGUF tensors", unit="tensor")
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = saved
 
 
 def _drop_gguf_quantization(model) -> None:

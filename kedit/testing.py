@@ -64,3 +64,96 @@ def save_tiny(folder: str | Path, kind: str = "gpt2", seed: int = 0) -> Path:
     tiny_model(kind, seed).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+# --- the editor contract, as every registered editor must keep it --------------------------------
+
+CONTRACT_SPECS = [{"id": f"c{i}", "subject": s, "prompt": "The capital of {} is", "target_new": t, "target_true": "Paris"}
+                  for i, (s, t) in enumerate([("France", "Rome"), ("Spain", "Berlin"), ("Italy", "Oslo"), ("Chile", "Lima")])]
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def contract_config(work: str | Path) -> Any:
+    """A run configuration for contract checks on tiny models: statistics from a small corpus
+    written into ``work`` (600 tokens, rows of 64)."""
+    from .config import RunConfig, StatsConfig
+
+    corpus = Path(work) / "contract-corpus.txt"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    corpus.write_text("\n\n".join(CORPUS * 8), encoding="utf-8")
+    return RunConfig(stats=StatsConfig(str(corpus), 600, 64), quiet=True)
+
+
+def check_editor(editor: str, model_dir: str | Path, work: str | Path, options: dict[str, Any] | None = None) -> None:
+    """Assert the editor contract for ``editor`` (its defaults, or ``options``) on the model in
+    ``model_dir``: the caller's model is left bit for bit as it was; the same seed gives the same
+    diff id; the diff verifies against the model, applies, verifies as applied, and reverts
+    bit-exactly. Plugin authors call this from their own tests."""
+    from . import diff as diffmod
+    from .editing import EditPlan, compute_diff
+    from .models import load
+    from .spec import EditSpec
+
+    config = contract_config(work)
+    loaded = load(str(model_dir))
+    model = loaded.model
+    specs = [EditSpec(**s) for s in CONTRACT_SPECS[:2]]
+    before = _snapshot(model)
+
+    def run() -> Any:
+        return compute_diff(loaded, specs, EditPlan.make(model, editor, options, seed=3, stats=config.stats_provider()))
+
+    first = run()
+    assert _same(_snapshot(model), before), f"{editor}: the editor changed the caller's model"
+    assert run().id == first.id, f"{editor}: the same seed gave another diff"
+    d = diffmod.read(diffmod.write(first, Path(work) / f"{editor}{diffmod.SUFFIX}"))
+    assert d.id == first.id and diffmod.state(model, d) == "base", f"{editor}: the diff does not verify"
+    assert diffmod.apply(model, d) == "applied" and diffmod.state(model, d) == "applied"
+    assert not _same(_snapshot(model), before), f"{editor}: the diff changed nothing"
+    assert diffmod.revert(model, d) == "reverted"
+    assert _same(_snapshot(model), before), f"{editor}: reverting did not give the base back bit for bit"
+
+
+def check_continue(editor: str, model_dir: str | Path, work: str | Path, options: dict[str, Any] | None = None) -> None:
+    """Assert that a sequence continued with ``--continue`` in a new call equals one
+    uninterrupted run, in weights and in the editor's carried state."""
+    import json
+    from dataclasses import replace
+
+    from . import diff as diffmod
+    from .config import EditJob
+    from .models import load
+    from .sequence import Chain
+    from .workflows import apply
+
+    work = Path(work)
+    config = replace(contract_config(work), model=str(model_dir))
+
+    def specs(name: str, n: int) -> Path:
+        path = work / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(s) + "\n" for s in CONTRACT_SPECS[:n]), encoding="utf-8")
+        return path
+
+    apply(EditJob(specs("all", 4), editor, options or {}, mode="sequential", batch_size=2, out=str(work / "whole")),
+          config)
+    apply(EditJob(specs("half", 2), editor, options or {}, mode="sequential", batch_size=2, out=str(work / "split")),
+          config)
+    apply(EditJob(work / "all.jsonl", continue_chain=str(work / "split")), config)  # a new call: the rest
+
+    def final(chain: Chain) -> dict[str, torch.Tensor]:
+        model = load(str(model_dir)).model
+        for d in chain.diffs():
+            diffmod.apply(model, d)
+        return _snapshot(model)
+
+    whole, split = Chain.open(work / "whole"), Chain.open(work / "split")
+    assert [s["specs"] for s in split.steps] == [s["specs"] for s in whole.steps] == [["c0", "c1"], ["c2", "c3"]]
+    assert _same(final(whole), final(split)), f"{editor}: --continue gave other weights than one run"
+    assert _same(whole.state(), split.state()), f"{editor}: --continue gave another carried state than one run"
