@@ -406,8 +406,9 @@ def tune_runtime() -> None:
     fresh memory cost about 5x less, which is several seconds per batched edit. OpenMP threads
     that wait spin only briefly before they sleep (libgomp's default is 300,000 spins): when
     another process shares the cores, spinning threads steal each other's time slices, and the
-    small-op loops of an edit ran 6-20x slower than alone; with a short spin about 2x, at no
-    measurable cost on a quiet machine (bench/first_run.py)."""
+    small-op loops of an edit ran 6-20x slower than alone; with a short spin about 2x. On a
+    quiet machine the cost is within run-to-run noise, at most about a quarter of the v* loop's
+    time (bench/first_run.py)."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # libgomp, which torch's CPU wheels use

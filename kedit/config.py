@@ -8,7 +8,7 @@ before any model is loaded.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -73,9 +73,6 @@ class RunConfig:
         if self.device != "cpu" or self.dtype != "float32" or self.group is not None:
             raise InputError(f"device {self.device!r}, dtype {self.dtype!r}: this kedit runs on the CPU in float32")
 
-    def with_(self, **changes: Any) -> "RunConfig":
-        return replace(self, **changes)
-
     def progress(self):
         """The progress reporter for this run (see :mod:`kedit.progress`)."""
         from .progress import Progress
@@ -86,7 +83,7 @@ class RunConfig:
         """``(model, tokenizer, source)`` as :class:`kedit.models.LoadedModel`."""
         from .models import load
 
-        return load(self.model, device=self.device, quiet=self.quiet)
+        return load(self.model, device=self.device, progress=self.progress())
 
     def stats_provider(self):
         """A fresh key-statistics provider for this run (see :class:`kedit.api.StatsProvider`)."""

@@ -33,7 +33,7 @@ def default_out(spec_path: Path, editor: str, diff_id: str, folder: Path = Path(
     return folder / f"{stem}-{editor}-{diff_id.removeprefix('sha256:')[:12]}{diffmod.SUFFIX}"
 
 
-def check_job(job: EditJob, sequence_record: dict[str, Any] | None = None) -> None:
+def check_job(job: EditJob) -> None:
     """Everything about the job that can be wrong, checked before any model is loaded."""
     if job.editor is not None:
         EditPlan.check(job.editor, job.options, job.regs, job.reg_in_loop)

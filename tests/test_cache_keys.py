@@ -134,6 +134,21 @@ def test_statistics_keys_change_with_the_content(tiny_dirs, corpus, tmp_path, ca
     assert KeyStats(str(corpus), n_tokens=500, max_len=32).cache_keys(model, tok, [1, 2])[1] != keys[1]
 
 
+def test_sampled_corpus_is_found_again_after_the_tokenizer_was_used(cache):
+    from kedit.stats import KeyStats
+    from kedit.testing import tiny_model
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    first = KeyStats("sampled", n_tokens=60, max_len=4)
+    first.second_moment(model, tok, [1])
+    path = first.record()["corpus"]["path"]
+    _use_padding_and_truncation(tok)
+    again = KeyStats("sampled", n_tokens=60, max_len=4)
+    again.second_moment(model, tok, [1])
+    assert again.record()["corpus"]["path"] == path and len(list((cache / "corpora").glob("sampled-*"))) == 1
+    assert {info["source"] for info in again.last.values()} == {"disk"}
+
+
 def test_evaluation_cache_key_is_content_not_state_or_paths(tiny_dirs, tmp_path, cache):
     from kedit.evaluate import Evaluation, resolve_evaluators
     from kedit.models import load

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kedit.hashing import tensor_sha256
+from kedit.hashing import tensor_sha256, tokenizer_sha256
 from kedit.scoring import target_ids
 from kedit.spec import EditSpec
 
@@ -21,11 +21,11 @@ def context_templates(model: torch.nn.Module, tok: Any, groups: Sequence[tuple[i
     """``["{}"]`` plus, for each ``(n_tokens, count)`` group, ``count`` seeded samples of ``n_tokens``
     tokens from the model, each followed by ``". {}"``.
 
-    Cached per process by the embedding matrix's hash (MLP edits never change it), so a
-    sequence of edits keeps using the base model's templates.
+    Cached per process by the embedding matrix's hash (MLP edits never change it) and the
+    tokenizer's content hash, so a sequence of edits keeps using the base model's templates.
     """
     emb = model.get_input_embeddings().weight
-    key = (tensor_sha256(emb), tuple(groups), seed, tuple(seed_words))
+    key = (tensor_sha256(emb), tokenizer_sha256(tok), tuple(groups), seed, tuple(seed_words))
     if key not in _TEMPLATE_CACHE:
         out = ["{}"]
         with torch.random.fork_rng(devices=[]):
