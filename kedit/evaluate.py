@@ -203,6 +203,9 @@ class Evaluation:
                     continue
                 except Exception:  # a damaged cache entry is recomputed, never trusted
                     path.unlink(missing_ok=True)
+            if self.use_cache:
+                self.progress.note(f"{c.name} on the unedited model is computed once per model, data, options and "
+                                   f"specs, then read from {path.parent}")
             run = self._call(c, model, tok, scorer, None, with_reference=True)
             self.base_runs[c.name] = run
             if self.use_cache:
