@@ -130,11 +130,10 @@ class EditJob:
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
                                             or self.batch_size < 1):
             raise InputError(f"--batch-size {self.batch_size!r}: must be a whole number of at least 1")
-        sequential = self.mode == "sequential" or self.continue_chain is not None
-        if not sequential and (self.batch_size is not None or self.squash or self.eval_at):
+        if not self.sequential and (self.batch_size is not None or self.squash or self.eval_at):
             raise InputError("--batch-size, --squash and --eval-at belong to --mode sequential "
                              "(--mode batch edits all specs at once)")
-        if sequential and self.after:
+        if self.sequential and self.after:
             raise InputError("--after goes with --mode batch; a sequence continues a chain with --continue CHAIN")
         if self.editor is None and self.continue_chain is None:
             raise InputError("kedit apply needs --plugin EDITOR (see `kedit editors`), or --continue CHAIN")

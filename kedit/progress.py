@@ -67,9 +67,6 @@ class LineBar:
             done = f"{_count(self.n)}/{_count(self.total)}" if self.total is not None else _count(self.n)
             self._say(f"{self.desc}: {done} {_units(self.unit, self.total)} after {_fmt_s(elapsed)}{left}")
 
-    def set_postfix_str(self, _text: str) -> None:  # tqdm compatibility; logs keep to the line format
-        pass
-
     def close(self) -> None:
         if self.closed:
             return
@@ -111,9 +108,6 @@ class _Silent:
 
     def update(self, n: float = 1) -> None:
         self.n += n
-
-    def set_postfix_str(self, _text: str) -> None:
-        pass
 
     def close(self) -> None:
         pass

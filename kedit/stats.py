@@ -281,10 +281,12 @@ class KeyStats(StatsProvider):
 
     def cache_keys(self, model: "torch.nn.Module", tokenizer: Any, layers: Sequence[int]) -> dict[int, str]:
         """The cache key of each layer's moment for this model and tokenizer (computing nothing)."""
-        arch = arch_for(model)
         layers = sorted({resolve_layer(int(x), model.config) for x in layers})
+        return self._keys(model, tokenizer, layers, tokenizer_sha256(tokenizer))
+
+    def _keys(self, model: "torch.nn.Module", tokenizer: Any, layers: list[int], tok_sha: str) -> dict[int, str]:
+        arch = arch_for(model)
         self._fit_context(model)
-        tok_sha = tokenizer_sha256(tokenizer)
         last = num_layers(model.config) - 1
         need_full = self.corpus == SAMPLED and self._source is None
         fps = fingerprints(model, arch, layers + ([last] if need_full else []))
@@ -309,7 +311,8 @@ class KeyStats(StatsProvider):
 
         arch = arch_for(model)
         layers = sorted({resolve_layer(int(x), model.config) for x in layers})
-        keys = self.cache_keys(model, tokenizer, layers)
+        tok_sha = tokenizer_sha256(tokenizer)
+        keys = self._keys(model, tokenizer, layers, tok_sha)
         files = {layer: cache_root() / "stats" / f"mom2-{keys[layer]}.safetensors" for layer in layers}
         self.last = {}
         for layer in layers:
@@ -326,7 +329,6 @@ class KeyStats(StatsProvider):
         missing = [layer for layer in layers if layer not in self.last]
         if missing:
             assert self._source is not None
-            tok_sha = tokenizer_sha256(tokenizer)
             if tok_sha not in self._rows:
                 self._rows[tok_sha] = pack_rows(tokenizer, self._source.documents(), self.n_tokens, self.max_len)
             name = self._source.describe.get("name") or self._source.describe.get("path") or self.corpus
