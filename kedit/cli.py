@@ -42,7 +42,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     job = EditJob(args.spec, editor=args.plugin, options=parse_pairs(args.option), regs=tuple(args.reg),
                   reg_in_loop=args.reg_in_loop, mode=args.mode, batch_size=args.batch_size, squash=args.squash,
                   after=tuple(args.after), continue_chain=args.continue_chain, out=args.out,
-                  eval_at=tuple(args.eval_at))
+                  eval_at=tuple(args.eval_at), overwrite=args.overwrite)
     result = apply(job, run_config(args))
     if job.sequential:
         return _print_sequence(result, args.json)
@@ -112,13 +112,18 @@ def _print_metrics(result: dict[str, Any]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .atomic import atomic_write_text
+    from .outputs import claimed
     from .workflows import eval_model
 
-    result = eval_model(run_config(args), args.diff, args.specs, label=args.label)
-    if args.out:
-        from .atomic import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    with contextlib.ExitStack() as stack:
+        if args.out:
+            stack.enter_context(claimed(args.out, inputs=[*args.diff, args.specs], overwrite=args.overwrite))
+        result = eval_model(run_config(args), args.diff, args.specs, label=args.label)
+        if args.out:
+            atomic_write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     if args.json:
         _print_json(result)
         return 0
@@ -149,17 +154,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from .outputs import claimed
     from .plugins import lookup
     from .spec import import_specs, write_specs
 
     importer = lookup("spec_importers", args.format).obj()
-    records = importer.read(Path(args.file))
-    if args.limit is not None:
-        records = (r for i, r in enumerate(records) if i < args.limit)
-    specs, skipped = import_specs(records, args.skip_invalid)
-    if not specs:
-        raise InputError(f"{args.file}: no valid records to import")
-    n = write_specs(args.output, specs)
+    with claimed(args.output, inputs=[args.file], overwrite=args.overwrite, flag="-o"):
+        records = importer.read(Path(args.file))
+        if args.limit is not None:
+            records = (r for i, r in enumerate(records) if i < args.limit)
+        specs, skipped = import_specs(records, args.skip_invalid)
+        if not specs:
+            raise InputError(f"{args.file}: no valid records to import")
+        n = write_specs(args.output, specs)
     for problem in skipped:
         print(f"skipped {problem}", file=sys.stderr)
     print(f"wrote {n} specs to {args.output}" + (f" ({len(skipped)} invalid records skipped)" if skipped else ""))
@@ -224,7 +231,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.action == "squash":
         if not args.output:
             raise InputError("diff squash needs -o OUT.kedit.safetensors")
-        d = wf.squash(args.diffs, args.output, args.model)
+        d = wf.squash(args.diffs, args.output, args.model, args.overwrite)
         print(f"wrote {args.output} ({d.id}); max |squashed − chain| = {d.manifest['squash_max_abs_vs_chain']:.3g}")
         return 0
     if args.edit:
@@ -319,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[], metavar="PATH",
                    help="data file or folder for evaluators that read one (see `kedit evaluators --options`)")
     p.add_argument("--no-cache", action="store_true", help="recompute the unedited model's evaluation")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out diff (never an input)")
     p.add_argument("--json", action="store_true", help="print machine-readable results (progress stays on stderr)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_apply)
@@ -337,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every sample drawn (recorded)")
     p.add_argument("--label", help="name of this run in reports (default: the diffs' editors)")
     p.add_argument("--out", help="also write the JSON result to this file (input of `kedit report`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-cache", action="store_true", help="recompute the unedited model's evaluation")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -359,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="spec file to write (JSONL)")
     p.add_argument("--limit", type=int, help="import at most this many records")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (each is reported) instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file (never the input)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("diff", help="show, verify, apply, revert, squash or export diffs")
@@ -367,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model to check or change (default: the embedded model)")
     p.add_argument("--out", help="apply/revert/export: folder to write (loadable with from_pretrained)")
     p.add_argument("-o", "--output", help="squash: the diff file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (apply, revert, export) or an existing -o diff (squash)")
     p.add_argument("--edit", action="append", default=[], metavar="ID",
                    help="revert: take this edit (spec id) out of a chain folder as if it had never been made, "
                    "by appending a step (editors that keep per-edit sums: d4s); repeatable")

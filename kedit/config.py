@@ -115,6 +115,7 @@ class EditJob:
     continue_chain: str | None = None
     out: str | None = None
     eval_at: tuple[str, ...] = ()
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "specs", Path(self.specs))

@@ -127,15 +127,15 @@ def build(base: Mapping[str, torch.Tensor], deltas: Mapping[str, D.Delta | torch
     return seal(Diff(manifest, encoded, fixes))
 
 
-def write(diff: Diff, path: str | os.PathLike) -> Path:
-    """Write atomically; returns the path written."""
+def write(diff: Diff, path: str | os.PathLike, kind: str = "file") -> Path:
+    """Write atomically; returns the path written. (``kind`` names its fault points.)"""
     from safetensors.torch import save_file
 
     path = Path(path)
     metadata = {"format": "pt", "kedit.schema": str(SCHEMA), "kedit.id": diff.id,
                 "kedit.base": str(diff.manifest.get("base", {}).get("name_or_path", "")),
                 "kedit.manifest": json.dumps(diff.manifest, ensure_ascii=False)}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, kind) as tmp:
         save_file(diff.tensors(), str(tmp), metadata=metadata)
     diff.path = path
     return path

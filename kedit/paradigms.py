@@ -13,13 +13,15 @@ from typing import Any, Sequence
 import torch
 
 from . import diff as diffmod
+from .atomic import TMP_SUFFIX
 from .config import RunConfig
 from .editing import EditPlan, Removal, SequenceStep, compute_diff
 from .errors import InputError
 from .evaluate import Chosen, Evaluation
+from .locking import LOCK_NAME
 from .models import LoadedModel
 from .progress import SILENT
-from .sequence import CHAIN_SCHEMA, BaseStats, Chain, SequenceBase, drift
+from .sequence import CHAIN_FILE, CHAIN_SCHEMA, BaseStats, Chain, SequenceBase, drift
 from .spec import EditSpec
 
 
@@ -150,19 +152,27 @@ def run_sequence(loaded: LoadedModel, specs: list[EditSpec], plan: EditPlan, con
             "edits": len(in_effect)}
 
 
+def check_new_chain(path: Path) -> None:
+    """A new chain needs a new or empty folder (kedit's own lock and temporaries aside)."""
+    if (path / CHAIN_FILE).exists():
+        raise InputError(f"{path}: already holds a chain; continue it with --continue {path}, or pick another --out")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: is a file; a chain is written as a folder")
+    if path.exists() and any(p.name != LOCK_NAME and not p.name.endswith(TMP_SUFFIX) for p in path.iterdir()):
+        raise InputError(f"{path}: exists and is not empty; a chain needs a new or empty folder")
+
+
 def new_chain(path: Path, plan: EditPlan, reg_texts: Sequence[str], batch_size: int, config: RunConfig,
               source: Any, spec_file: str) -> Chain:
-    if (path / "chain.json").exists():
-        raise InputError(f"{path}: already holds a chain; continue it with --continue {path}, or pick another --out")
-    if path.exists() and any(path.iterdir()):
-        raise InputError(f"{path}: exists and is not empty; a chain needs a new or empty folder")
+    """Create the chain folder's record with no steps (the caller holds its lock)."""
+    check_new_chain(path)
     stats = {**config.stats.to_json(), "corpus": config.stats.corpus or "builtin"}
     record = {"schema": CHAIN_SCHEMA, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "mode": "sequential", "editor": plan.editor.name, "options": plan.options.model_dump(mode="json"),
               "regularizers": list(reg_texts), "seed": plan.seed, "batch_size": batch_size, "model": config.model,
               "base": source.to_json(), "spec_files": [spec_file], "stats": stats, "reg_in_loop": plan.reg_in_loop,
               "steps": []}
-    return Chain(path, record)  # written with its first step
+    return Chain.create(path, record)
 
 
 def remove_edits(loaded: LoadedModel, chain: Chain, ids: Sequence[str], plan: EditPlan) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,12 +23,14 @@ import torch
 
 from . import diff as diffmod
 from .api import SequenceView, StatsProvider
-from .atomic import atomic_path, atomic_write_text
+from .atomic import atomic_path, atomic_write_text, fault_point
 from .errors import InputError
 
 CHAIN_FILE = "chain.json"
 STATE_FILE = "state.safetensors"
-CHAIN_SCHEMA = 1
+CHAIN_SCHEMA = 2  # 2: step-numbered state files and the hashes of state and data in chain.json
+READ_SCHEMAS = (1, 2)
+STEP_FILE = re.compile(r"^(step-\d{4,}(\.kedit|\.data)\.safetensors|state-\d{4,}\.safetensors|state\.safetensors)$")
 DRIFT_THRESHOLDS = (0.077, 0.171)  # the RECT paper's relative-change levels
 
 
@@ -108,9 +111,21 @@ def drift(model: torch.nn.Module, base: SequenceBase, names: list[str]) -> dict[
 
 # --- the chain folder ---------------------------------------------------------------------------
 
+def _sha256(path: Path) -> str:
+    from .cache import file_sha256
+
+    return file_sha256(path)
+
+
 @dataclass
 class Chain:
-    """A chain folder: ``chain.json`` plus the files it lists."""
+    """A chain folder: ``chain.json`` plus the files it lists.
+
+    A step is one commit: its diff, its data and the new editor state are written under
+    step-numbered names beside the previous ones, then ``chain.json`` (listing them with their
+    hashes) replaces the old one, and only then is the previous state removed. A process killed
+    anywhere in between leaves the last committed step intact; files no ``chain.json`` names are
+    an uncommitted step's and are removed by the next writer (:meth:`clean`)."""
 
     path: Path
     record: dict[str, Any] = field(default_factory=dict)
@@ -124,15 +139,56 @@ class Chain:
                              "`kedit apply --mode sequential`")
         try:
             record = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InputError(f"{file}: unreadable ({exc})") from None
-        if record.get("schema") != CHAIN_SCHEMA:
-            raise InputError(f"{file}: chain schema {record.get('schema')!r}; this kedit reads {CHAIN_SCHEMA}")
+        if not isinstance(record, dict):
+            raise InputError(f"{file}: not a chain record (a JSON object)")
+        if record.get("schema") not in READ_SCHEMAS:
+            raise InputError(f"{file}: chain schema {record.get('schema')!r}; this kedit reads {READ_SCHEMAS}")
+        steps = record.get("steps", [])
+        if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("diff"), str)
+                                                  and "/" not in s["diff"] for s in steps):
+            raise InputError(f"{file}: malformed 'steps' (a list of steps, each naming its diff file)")
         return cls(path, record)
+
+    @classmethod
+    def create(cls, path: Path, record: dict[str, Any]) -> "Chain":
+        """A new chain with no steps, committed at once so an interrupted first step resumes too."""
+        chain = cls(path, {**record, "schema": CHAIN_SCHEMA, "steps": []})
+        chain.save()
+        return chain
 
     @property
     def steps(self) -> list[dict[str, Any]]:
         return self.record.setdefault("steps", [])
+
+    def files(self) -> set[str]:
+        """The names of the files the committed record points to."""
+        names = {CHAIN_FILE}
+        for s in self.steps:
+            names.add(s["diff"])
+            if s.get("data"):
+                names.add(s["data"])
+        st = self.record.get("state")
+        if st:
+            names.add(st["file"])
+        elif self.record.get("schema") == 1 and (self.path / STATE_FILE).exists():
+            names.add(STATE_FILE)
+        return names
+
+    def clean(self) -> list[str]:
+        """Remove an uncommitted step's files (and kedit temporaries); call with the lock held."""
+        from .atomic import sweep
+
+        sweep(self.path)
+        keep = self.files()
+        removed = []
+        for p in self.path.iterdir():
+            if p.name in keep or not p.is_file() or not STEP_FILE.match(p.name):
+                continue
+            p.unlink()
+            removed.append(p.name)
+        return sorted(removed)
 
     def diffs(self) -> list[diffmod.Diff]:
         diffs = [diffmod.read(self.path / s["diff"]) for s in self.steps]
@@ -150,13 +206,32 @@ class Chain:
             ids = [i for i in ids if i not in removed]
         return ids
 
-    def state(self) -> dict[str, torch.Tensor]:
-        file = self.path / STATE_FILE
+    def _load(self, name: str, sha256: str | None, what: str) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        file = self.path / name
         if not file.is_file():
+            raise InputError(f"{file}: missing; {CHAIN_FILE} lists it as the {what}")
+        if sha256 is not None and _sha256(file) != sha256:
+            raise InputError(f"{file}: its content does not match the hash {CHAIN_FILE} recorded for the {what}; "
+                             "the file was changed or damaged after the step was committed")
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"{file}: unreadable {what} ({exc})") from None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The editor state after the last committed step, checked against its recorded hash."""
+        st = self.record.get("state")
+        if st:
+            return self._load(st["file"], st.get("sha256"), "editor state")
+        file = self.path / STATE_FILE
+        if self.record.get("schema") != 1 or not file.is_file():
             return {}
         from safetensors import safe_open
 
-        with safe_open(str(file), "pt") as fh:
+        with safe_open(str(file), "pt") as fh:  # schema 1: no hash; the step count is the check
             meta = fh.metadata() or {}
             if meta.get("steps") != str(len(self.steps)):
                 raise InputError(f"{file}: saved after step {meta.get('steps')}, but {CHAIN_FILE} lists "
@@ -164,33 +239,44 @@ class Chain:
             return {k: fh.get_tensor(k) for k in fh.keys()}
 
     def step_data(self) -> list[tuple[list[str], dict[str, torch.Tensor]]]:
-        from safetensors.torch import load_file
-
         out = []
         for s in self.steps:
-            data = load_file(str(self.path / s["data"])) if s.get("data") else {}
+            data = self._load(s["data"], s.get("data_sha256"), f"data of step {s.get('step')}") if s.get("data") else {}
             out.append((list(s.get("specs", [])), data))
         return out
 
     def add_step(self, diff: diffmod.Diff, info: dict[str, Any], state: dict[str, torch.Tensor] | None,
                  data: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-        """Write the step's files, the state, then chain.json (the commit point)."""
+        """Commit one step: its files under new names, then chain.json, then drop the old state."""
         from safetensors.torch import save_file
 
         n = len(self.steps) + 1
         step = {"step": n, "diff": f"step-{n:04d}{diffmod.SUFFIX}", "id": diff.id, **info}
-        diffmod.write(diff, self.path / step["diff"])
+        diffmod.write(diff, self.path / step["diff"], kind="chain")
         if data:
             step["data"] = f"step-{n:04d}.data.safetensors"
-            with atomic_path(self.path / step["data"]) as tmp:
+            with atomic_path(self.path / step["data"], "chain") as tmp:
                 save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
+            step["data_sha256"] = _sha256(self.path / step["data"])
+        old = self.files()
+        record = json.loads(json.dumps(self.record))
         if state:
-            with atomic_path(self.path / STATE_FILE) as tmp:
+            name = f"state-{n:04d}.safetensors"
+            with atomic_path(self.path / name, "chain") as tmp:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
                           metadata={"steps": str(n), "last": diff.id})
-        self.steps.append(step)
-        self.save()
+            record["state"] = {"file": name, "sha256": _sha256(self.path / name), "step": n}
+        record["schema"] = CHAIN_SCHEMA
+        record.setdefault("steps", []).append(step)
+        self._commit(record)
+        for name in old - self.files():
+            (self.path / name).unlink(missing_ok=True)
+        fault_point("chain", "previous state removed")
         return step
 
+    def _commit(self, record: dict[str, Any]) -> None:
+        atomic_write_text(self.path / CHAIN_FILE, json.dumps(record, indent=1, ensure_ascii=False) + "\n", "chain")
+        self.record = record
+
     def save(self) -> None:
-        atomic_write_text(self.path / CHAIN_FILE, json.dumps(self.record, indent=1, ensure_ascii=False) + "\n")
+        self._commit(self.record)

@@ -14,8 +14,12 @@ from .config import EditJob, RunConfig
 from .editing import EditPlan, compute_diff
 from .errors import InputError
 from .evaluate import Evaluation, default_evaluators, evaluate_chain, resolve_evaluators, specs_from_diffs
+from .locking import exclusive
 from .models import load
+from .outputs import claimed
+from .paradigms import Schedule, check_new_chain, new_chain, run_sequence
 from .scoring import target_probs
+from .sequence import Chain
 from .spec import EditSpec, read_specs
 
 
@@ -56,10 +60,17 @@ def apply(job: EditJob, config: RunConfig | None = None) -> dict[str, Any]:
 
 
 def _apply_batch(job: EditJob, config: RunConfig) -> dict[str, Any]:
-    progress = config.progress()
     specs = read_specs(job.specs)
     check_job(job)
+    if job.out is None:
+        return _edit_batch(job, config, specs)
+    with claimed(job.out, inputs=[job.specs, *job.after], overwrite=job.overwrite):
+        return _edit_batch(job, config, specs)
+
+
+def _edit_batch(job: EditJob, config: RunConfig, specs: list[EditSpec]) -> dict[str, Any]:
     assert job.editor is not None
+    progress = config.progress()
     prior = load_chain(job.after)
     chosen = resolve_evaluators(config.evaluators, config.data) if config.evaluators else []
     loaded = load(config.model, device=config.device, progress=progress)
@@ -87,10 +98,18 @@ def _apply_batch(job: EditJob, config: RunConfig) -> dict[str, Any]:
         summary = evaluation.summary()
         diff.manifest["eval"].update({k: summary[k] for k in ("metrics", "base", "protocols")})
     diffmod.seal(diff)
-    path = Path(job.out) if job.out else default_out(job.specs, job.editor, diff.id)
-    diffmod.write(diff, path)
+    path = _write_new(diff, job, default_out(job.specs, job.editor, diff.id))
     return {"diff": str(path), "id": diff.id, "bytes": path.stat().st_size, "editor": job.editor,
             "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows, **summary}
+
+
+def _write_new(diff: diffmod.Diff, job: EditJob, default: Path) -> Path:
+    """Write ``diff`` to ``--out`` (claimed by the caller) or to its default, id-named path,
+    where an existing file holds the same edit (the name carries the id)."""
+    if job.out is not None:
+        return diffmod.write(diff, job.out)
+    with exclusive(default, f"the output {default.name}"):
+        return diffmod.write(diff, default)
 
 
 def _chain_run(chain: Any, config: RunConfig) -> tuple[dict[str, Any], RunConfig]:
@@ -124,30 +143,49 @@ def _continued(job: EditJob, config: RunConfig, chain: Any) -> tuple[EditJob, Ru
 
 
 def _apply_sequence(job: EditJob, config: RunConfig) -> dict[str, Any]:
-    from .paradigms import Schedule, new_chain, run_sequence
-    from .sequence import Chain
-
-    progress = config.progress()
+    """Checks, then the run holding its chain folder or squashed output for its whole length."""
     specs = read_specs(job.specs)
     schedule = Schedule.parse(job.eval_at)
-    chain = Chain.open(job.continue_chain) if job.continue_chain else None
-    if chain is not None:
-        job, config = _continued(job, config, chain)
+    if job.continue_chain:
+        Chain.open(job.continue_chain)  # a clear error for what is not a chain, before locking
+        with exclusive(job.continue_chain, "the chain", folder=True):
+            chain = Chain.open(job.continue_chain)
+            job, config = _continued(job, config, chain)
+            check_job(job)
+            chain.clean()
+            return _edit_sequence(job, config, specs, schedule, chain)
     assert job.editor is not None
-    batch_size = job.batch_size or 1
     check_job(job)
-    if job.squash and job.out is not None and not job.out.endswith(diffmod.SUFFIX):
-        raise InputError(f"--out {job.out}: with --squash the result is one diff, whose name ends in {diffmod.SUFFIX}")
-    if not job.squash and chain is None and job.out is not None and job.out.endswith(diffmod.SUFFIX):
+    if job.squash:
+        if job.out is not None and not job.out.endswith(diffmod.SUFFIX):
+            raise InputError(f"--out {job.out}: with --squash the result is one diff, whose name ends in {diffmod.SUFFIX}")
+        if job.out is None:
+            return _edit_sequence(job, config, specs, schedule, None)
+        with claimed(job.out, inputs=[job.specs], overwrite=job.overwrite):
+            return _edit_sequence(job, config, specs, schedule, None)
+    if job.out is not None and job.out.endswith(diffmod.SUFFIX):
         raise InputError(f"--out {job.out}: a sequence is written as a chain folder; pass a folder, or --squash for one diff")
+    folder = Path(job.out) if job.out else Path("checkpoints") / f"{job.specs.name.removesuffix('.jsonl')}-{job.editor}-seq"
+    check_new_chain(folder)
+    with exclusive(folder, "the chain", folder=True):
+        check_new_chain(folder)
+        return _edit_sequence(job, config, specs, schedule, folder)
+
+
+def _edit_sequence(job: EditJob, config: RunConfig, specs: list[EditSpec], schedule: Schedule,
+                   chain: Chain | Path | None) -> dict[str, Any]:
+    """The sequence itself: ``chain`` is the chain to continue, the folder of a new one, or None (squash)."""
+    assert job.editor is not None
+    progress = config.progress()
+    batch_size = job.batch_size or 1
     chosen = resolve_evaluators(config.evaluators, config.data) if config.evaluators else []
     loaded = load(config.model, device=config.device, progress=progress)
     lm, tok, source = loaded
     previous: list[EditSpec] = []
-    applied = chain.diffs() if chain is not None else []
+    applied = chain.diffs() if isinstance(chain, Chain) else []
     for d in applied:
         diffmod.apply(lm, d)
-    if chain is not None:
+    if isinstance(chain, Chain):
         held = set(chain.spec_ids())
         previous = [s for s in specs_from_diffs(applied) if s.id in held]
         seen = {i for s in chain.steps for i in s.get("specs", [])}
@@ -156,9 +194,8 @@ def _apply_sequence(job: EditJob, config: RunConfig) -> dict[str, Any]:
         before = probe_table(lm, tok, specs)
     plan = EditPlan.make(lm, job.editor, job.options, job.regs, job.reg_in_loop, config.seed,
                          stats=config.stats_provider(), progress=progress)
-    if chain is None and not job.squash:
-        folder = Path(job.out) if job.out else Path("checkpoints") / f"{job.specs.name.removesuffix('.jsonl')}-{job.editor}-seq"
-        chain = new_chain(folder, plan, job.regs, batch_size, config, source, str(job.specs))
+    if isinstance(chain, Path):
+        chain = new_chain(chain, plan, job.regs, batch_size, config, source, str(job.specs))
     result = run_sequence(loaded, specs, plan, config, batch_size=batch_size, chain=chain, chosen=chosen,
                           schedule=schedule, previous=previous, applied=applied)
     with progress.stage(f"scoring {len(specs)} specs after the edits"):
@@ -167,31 +204,31 @@ def _apply_sequence(job: EditJob, config: RunConfig) -> dict[str, Any]:
                "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows,
                "edits": result["edits"], "steps": result["steps"], "evaluation": result["evaluation"],
                "forgetting": result["forgetting"]}
-    if job.squash:
+    if chain is None:
         with result["base"].reverted() as m:
             d = diffmod.squash(m, result["diffs"])
         d.manifest["sequence"] = {k: summary[k] for k in ("mode", "batch_size", "eval_at", "steps", "evaluation",
                                                           "forgetting")}
         diffmod.seal(d)
-        path = Path(job.out) if job.out else default_out(job.specs, f"{job.editor}-seq", d.id)
-        diffmod.write(d, path)
+        path = _write_new(d, job, default_out(job.specs, f"{job.editor}-seq", d.id))
         return {"diff": str(path), "id": d.id, **summary}
-    assert chain is not None
     return {"chain": str(chain.path), "id": result["steps"][-1]["id"] if result["steps"] else None, **summary}
 
 
 def remove_from_chain(chain_path: str | os.PathLike, ids: Sequence[str], config: RunConfig | None = None) -> dict[str, Any]:
     """``kedit diff revert --edit ID CHAIN``: append a step that removes the edits, exactly."""
     from .paradigms import remove_edits
-    from .sequence import Chain
 
-    chain = Chain.open(chain_path)
-    fields, config = _chain_run(chain, config or RunConfig())
-    progress = config.progress()
-    loaded = load(config.model, device=config.device, progress=progress)
-    plan = EditPlan.make(loaded.model, fields["editor"], fields["options"], fields["regs"], fields["reg_in_loop"],
-                         config.seed, stats=config.stats_provider(), progress=progress)
-    return remove_edits(loaded, chain, ids, plan)
+    Chain.open(chain_path)
+    with exclusive(chain_path, "the chain", folder=True):
+        chain = Chain.open(chain_path)
+        chain.clean()
+        fields, config = _chain_run(chain, config or RunConfig())
+        progress = config.progress()
+        loaded = load(config.model, device=config.device, progress=progress)
+        plan = EditPlan.make(loaded.model, fields["editor"], fields["options"], fields["regs"], fields["reg_in_loop"],
+                             config.seed, stats=config.stats_provider(), progress=progress)
+        return remove_edits(loaded, chain, ids, plan)
 
 
 def _rows(specs: Sequence[EditSpec], before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -254,9 +291,7 @@ def verify(paths: Sequence[str], model: str | None = None) -> list[dict[str, Any
     return out
 
 
-def _save_folder(lm, tok, out: Path, overwrite: bool, extra: dict[str, str] | None = None) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+def _save_folder(lm, tok, out: Path, extra: dict[str, str] | None = None) -> None:
     with atomic_dir(out) as tmp:
         lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -267,33 +302,37 @@ def _save_folder(lm, tok, out: Path, overwrite: bool, extra: dict[str, str] | No
 def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
                     overwrite: bool = False, card: bool = False) -> list[str]:
     """Apply a chain to a model and save the result as a ``from_pretrained`` folder."""
-    diffs = load_chain(paths)
-    lm, tok, source = load(model)
-    statuses = [diffmod.apply(lm, d) for d in diffs]
-    extra = None
-    if card:
-        extra = {"README.md": model_card(diffs, source.name_or_path),
-                 "kedit_diff.json": json.dumps([d.manifest for d in diffs], indent=2, ensure_ascii=False)}
-    _save_folder(lm, tok, Path(out), overwrite, extra)
-    return statuses
+    with claimed(out, inputs=paths, overwrite=overwrite):
+        diffs = load_chain(paths)
+        lm, tok, source = load(model)
+        statuses = [diffmod.apply(lm, d) for d in diffs]
+        extra = None
+        if card:
+            extra = {"README.md": model_card(diffs, source.name_or_path),
+                     "kedit_diff.json": json.dumps([d.manifest for d in diffs], indent=2, ensure_ascii=False)}
+        _save_folder(lm, tok, Path(out), extra)
+        return statuses
 
 
 def revert_in_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
                      overwrite: bool = False) -> list[str]:
     """Revert a chain (last diff first) and save the result."""
-    diffs = load_chain(paths)
-    lm, tok, _ = load(model)
-    statuses = [diffmod.revert(lm, d) for d in reversed(diffs)]
-    _save_folder(lm, tok, Path(out), overwrite)
-    return statuses
+    with claimed(out, inputs=paths, overwrite=overwrite):
+        diffs = load_chain(paths)
+        lm, tok, _ = load(model)
+        statuses = [diffmod.revert(lm, d) for d in reversed(diffs)]
+        _save_folder(lm, tok, Path(out))
+        return statuses
 
 
-def squash(paths: Sequence[str], out: str | os.PathLike, model: str | None = None) -> diffmod.Diff:
-    diffs = load_chain(paths)
-    lm, _, _ = load(model)
-    result = diffmod.squash(lm, diffs)
-    diffmod.write(result, out)
-    return result
+def squash(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
+           overwrite: bool = False) -> diffmod.Diff:
+    with claimed(out, inputs=paths, overwrite=overwrite, flag="-o"):
+        diffs = load_chain(paths)
+        lm, _, _ = load(model)
+        result = diffmod.squash(lm, diffs)
+        diffmod.write(result, out)
+        return result
 
 
 def model_card(diffs: Sequence[diffmod.Diff], base_name: str) -> str:
