@@ -2,7 +2,10 @@
 
 The id is sha256 over the canonical manifest (less ``id`` and ``created``) and each tensor's
 name, dtype, shape and the sha256 of its raw bytes, so it can be checked straight from the file
-(``kedit diff show`` does this in a fraction of a second) or from tensors in memory.
+(``kedit diff show`` does this in a fraction of a second) or from tensors in memory. Since
+anyone can recompute an id, the manifest's structure is checked too (every field kedit reads, and
+each entry's tensors against its base record), and signatures, kept outside the manifest under
+``kedit.signatures``, are verified (:mod:`kedit.signing`).
 """
 from __future__ import annotations
 
