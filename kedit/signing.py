@@ -15,6 +15,7 @@ import json
 import os
 import re
 import stat
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -159,8 +160,8 @@ def public_text(public_raw: bytes, name: str = "") -> str:
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to a new file atomically with ``mode`` from the start: a temporary file is
     linked into place, which fails if ``path`` appeared meanwhile."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
