@@ -207,31 +207,61 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``diff keygen`` and ``diff sign``: torch-free, like ``diff show``."""
+    from . import signing
+
+    if args.action == "keygen":
+        if len(args.diffs) != 1 or args.key:
+            raise InputError("diff keygen takes one argument, the private key file to make: "
+                             "kedit diff keygen KEY.pem [--name NAME]")
+        kid, pub = signing.generate(args.diffs[0], args.name or "")
+        print(f"wrote {args.diffs[0]} (private key, mode 0600: keep it to yourself) and {pub} (public key: share it)")
+        print(f"key id {kid}")
+        return 0
+    if not args.key:
+        raise InputError("diff sign needs --key KEY.pem (a private key file; make one with `kedit diff keygen KEY.pem`)")
+    signer = signing.load_signer(args.key, args.name)
+    for p in args.diffs:
+        rec = signing.sign_file(p, signer)
+        print(f"{p}: {signing.describe(rec)}")
+    return 0
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
-    if args.action == "show":  # the manifest and id are checked from the file's bytes: no torch
-        from .manifest import read_manifest, summary
+    if args.action in ("keygen", "sign"):
+        return cmd_keys(args)
+    if args.key:
+        raise InputError("--key goes with `kedit diff sign` and `kedit diff keygen`")
+    if args.action == "show":  # the manifest, id and signatures are checked from the file's bytes: no torch
+        from .manifest import read_parsed, summary
 
         for p in args.diffs:
-            manifest = read_manifest(p)
+            parsed = read_parsed(p)
             if args.json:
-                _print_json(manifest)
+                _print_json({**parsed.manifest, "signatures": parsed.signatures} if parsed.signatures
+                            else parsed.manifest)
             else:
-                print(f"{p}\n{summary(manifest)}")
+                print(f"{p}\n{summary(parsed.manifest, parsed.signatures)}")
         return 0
     from . import workflows as wf
+    from .signing import Trust, describe
 
+    trust = Trust.load(args.trusted_keys, args.require_signature)
     if args.action == "verify":
-        results = wf.verify(args.diffs, args.model)
+        results = wf.verify(args.diffs, args.model, trust)
         if args.json:
             _print_json(results)
         for r in results:
             if not args.json:
                 print(f"{r['diff']}: {r['status']}" + (f" — {r['reason']}" if "reason" in r else ""))
+                for s in r["signatures"]:
+                    print(f"  {describe(s)}")
         return 1 if any(r["status"] == "refused" for r in results) else 0
     if args.action == "squash":
         if not args.output:
             raise InputError("diff squash needs -o OUT.kedit.safetensors")
-        d = wf.squash(args.diffs, args.output, args.model, args.overwrite)
+        d = wf.squash(args.diffs, args.output, args.model, trust, args.overwrite)
         print(f"wrote {args.output} ({d.id}); max |squashed − chain| = {d.manifest['squash_max_abs_vs_chain']:.3g}")
         return 0
     if args.edit:
@@ -247,9 +277,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if not args.out:
         raise InputError(f"diff {args.action} needs --out DIR")
     if args.action == "revert":
-        statuses = wf.revert_in_folder(args.diffs, args.out, args.model, args.overwrite)
+        statuses = wf.revert_in_folder(args.diffs, args.out, args.model, args.overwrite, trust)
     else:
-        statuses = wf.apply_to_folder(args.diffs, args.out, args.model, args.overwrite, card=args.action == "export")
+        statuses = wf.apply_to_folder(args.diffs, args.out, args.model, args.overwrite, card=args.action == "export",
+                                      trust=trust)
     for p, st in zip(args.diffs if args.action != "revert" else reversed(args.diffs), statuses):
         print(f"{p}: {st}")
     print(f"wrote {args.out}")
@@ -276,6 +307,25 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for layer, info in stats.last.items():
         print(f"{layer:>5} {info['d_k']:>6} {info['tokens']:>9} {info['seconds']:>8.1f}  {info['source']:<8} {info['file']}")
     return 0
+
+
+DIFF_HELP = """\
+actions:
+  show DIFF...                       the manifest, checked from the file's bytes, and its signatures
+  verify DIFF... [--model M]         applies / already applied / refused, and who signed each diff
+  apply|export DIFF... --out DIR     apply a chain and save a from_pretrained folder
+  revert DIFF... --model DIR --out DIR2
+  squash DIFF... -o OUT              one diff equal to the chain
+  keygen KEY.pem [--name NAME]       make an ed25519 key pair: KEY.pem (private, mode 0600; encrypted
+                                     with $KEDIT_KEY_PASSPHRASE when set) and KEY.pem.pub (share this)
+  sign DIFF... --key KEY.pem [--name NAME]
+                                     add (or renew) your signature; tensors and id are unchanged
+
+Every signature present is verified whenever a diff is read: a bad one is refused (exit 2).
+--trusted-keys FILE_OR_DIR marks which signers you trust; with --require-signature, verify,
+apply, revert, squash and export refuse diffs that no trusted key signed. Private keys are only
+read to sign; they never go into diffs or output.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,9 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o file (never the input)")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("diff", help="show, verify, apply, revert, squash or export diffs")
-    p.add_argument("action", choices=["show", "verify", "apply", "revert", "squash", "export"])
-    p.add_argument("diffs", nargs="+", help="diff file(s); a chain is listed in application order")
+    p = sub.add_parser("diff", help="show, verify, apply, revert, squash, export or sign diffs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=DIFF_HELP)
+    p.add_argument("action", choices=["show", "verify", "apply", "revert", "squash", "export", "sign", "keygen"])
+    p.add_argument("diffs", nargs="+", metavar="DIFF", help="diff file(s); a chain is listed in application order "
+                   "(keygen: the key file to make)")
     p.add_argument("--model", help="model to check or change (default: the embedded model)")
     p.add_argument("--out", help="apply/revert/export: folder to write (loadable with from_pretrained)")
     p.add_argument("-o", "--output", help="squash: the diff file to write")
@@ -381,7 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edit", action="append", default=[], metavar="ID",
                    help="revert: take this edit (spec id) out of a chain folder as if it had never been made, "
                    "by appending a step (editors that keep per-edit sums: d4s); repeatable")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--key", metavar="KEY.pem", help="sign: the private key file (PEM, ed25519; from keygen)")
+    p.add_argument("--name", help="keygen, sign: the signer's name, recorded in KEY.pem.pub and in signatures "
+                   "(sign defaults to the name in KEY.pem.pub)")
+    p.add_argument("--trusted-keys", metavar="FILE_OR_DIR",
+                   help="public keys (PEM, or 'ed25519:ID [NAME]' lines, as in the .pub files keygen writes) "
+                   "whose signatures are trusted")
+    p.add_argument("--require-signature", action="store_true",
+                   help="refuse diffs that no key of --trusted-keys signed")
+    p.add_argument("--json", action="store_true", help="machine-readable output; show: the manifest, plus the "
+                   "verified \"signatures\" of a signed diff")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_diff)
 

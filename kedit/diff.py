@@ -34,6 +34,7 @@ class Diff:
     deltas: dict[str, D.Delta]
     fixes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     path: Path | None = None
+    signatures: list[dict[str, Any]] = field(default_factory=list)  # verified when read (kedit.signing)
 
     @property
     def id(self) -> str:
@@ -135,10 +136,22 @@ def write(diff: Diff, path: str | os.PathLike, kind: str = "file") -> Path:
     metadata = {"format": "pt", "kedit.schema": str(SCHEMA), "kedit.id": diff.id,
                 "kedit.base": str(diff.manifest.get("base", {}).get("name_or_path", "")),
                 "kedit.manifest": json.dumps(diff.manifest, ensure_ascii=False)}
+    tensors = diff.tensors()
+    _check_header_size(path, metadata, len(tensors))
     with atomic_path(path, kind) as tmp:
-        save_file(diff.tensors(), str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
     diff.path = path
     return path
+
+
+def _check_header_size(path: Path, metadata: Mapping[str, str], n_tensors: int) -> None:
+    """Refuse before writing a manifest that safetensors cannot hold: its header limit would
+    otherwise fail deep inside the writer, after all the work."""
+    size = len(json.dumps(metadata, ensure_ascii=False).encode()) + 200 * n_tensors  # + each tensor's entry
+    if size > M.HEADER_LIMIT:
+        manifest = len(metadata["kedit.manifest"].encode())
+        raise InputError(f"{path}: the diff's manifest is {manifest / 1e6:.0f} MB; diff headers are limited to "
+                         f"{M.HEADER_LIMIT // 1_000_000} MB (safetensors): large spec meta fields? nothing written")
 
 
 def read(path: str | os.PathLike) -> Diff:
@@ -146,7 +159,8 @@ def read(path: str | os.PathLike) -> Diff:
     from safetensors.torch import load as load_bytes
 
     path, data = M.read_bytes(path)
-    manifest, _ = M.parse(path, data)
+    parsed = M.parse_file(path, data)
+    manifest = parsed.manifest
     try:
         tensors = load_bytes(data)
         entries = manifest["entries"]
@@ -155,7 +169,25 @@ def read(path: str | os.PathLike) -> Diff:
         fixes = {n: (tensors[f"{n}::fix_idx"].to(torch.int64), tensors[f"{n}::fix_val"]) for n in entries}
     except Exception as exc:  # safetensors and the decoders raise several types for damaged content
         raise InputError(f"{path}: corrupted diff (manifest and tensors disagree: {exc})") from None
-    return Diff(manifest, deltas, fixes, path)
+    _check_values(path, tensors, fixes, shapes)
+    return Diff(manifest, deltas, fixes, path, parsed.signatures)
+
+
+def _check_values(path: Path, tensors: Mapping[str, torch.Tensor],
+                  fixes: Mapping[str, tuple[torch.Tensor, torch.Tensor]], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """What the content id cannot vouch for, since anyone can recompute it: finite values (a NaN
+    delta would give a NaN model), and fix indices inside their tensor (revert must be exact)."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{path}: tensor {name} holds NaN or infinite values; refusing the diff")
+    for name, (idx, val) in sorted(fixes.items()):
+        size = D.numel(shapes[name])
+        if idx.dim() != 1 or val.dim() != 1 or idx.numel() != val.numel():
+            raise InputError(f"{path}: {name}::fix_idx and ::fix_val differ in length; refusing the diff")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise InputError(f"{path}: {name}::fix_idx has indices outside the tensor's {size} elements; "
+                             "refusing the diff")
 
 
 # --- verifying against a live model ---------------------------------------------------------
@@ -202,16 +234,43 @@ def state(model: torch.nn.Module, diff: Diff) -> str:
 
 
 def apply(model: torch.nn.Module, diff: Diff) -> str:
-    """Apply in place after verifying the base; returns ``"applied"`` or ``"already applied"``."""
+    """Apply in place after verifying the base; returns ``"applied"`` or ``"already applied"``.
+
+    All or nothing: every new tensor is computed and checked against the recorded result hash
+    before any parameter changes."""
     if state(model, diff) == "applied":
         return "already applied"
     with torch.no_grad():
+        new = {}
         for name, d in diff.deltas.items():
             p = model.get_parameter(name)
-            p.copy_(_plus(p, D.to_dense(d, torch.float64).to(p.device)))
-            if tensor_sha256(p) != diff.manifest["entries"][name]["post_sha256"]:
-                raise KeditError(f"{_label(diff)}: {name} after applying does not match the recorded result hash")
+            new[name] = _plus(p, D.to_dense(d, torch.float64).to(p.device))
+        _check_hashes(diff, new, {n: e["post_sha256"] for n, e in diff.manifest["entries"].items()},
+                      "applying it gives another result than the one it records")
+        _commit(model, new)
     return "applied"
+
+
+def _check_hashes(diff: Diff, new: Mapping[str, torch.Tensor], expected: Mapping[str, str], what: str) -> None:
+    """Refuse, before the model changes, new tensors whose hashes are not the recorded ones."""
+    for name, t in new.items():
+        if tensor_sha256(t) != expected[name]:
+            raise InputError(f"{_label(diff)}: {name}: {what} (a changed delta or fix list?); the model is unchanged")
+
+
+def _commit(model: torch.nn.Module, new: Mapping[str, torch.Tensor]) -> None:
+    """Copy checked tensors into the model. A Ctrl-C waits until every copy is done (a copy is
+    idempotent, so an interrupted one is redone): the model is never left half changed."""
+    interrupted: KeyboardInterrupt | None = None
+    for name, t in new.items():
+        while True:
+            try:
+                model.get_parameter(name).copy_(t)
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def reverted_tensor(diff: Diff, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -227,9 +286,10 @@ def revert(model: torch.nn.Module, diff: Diff) -> str:
     if state(model, diff) == "base":
         return "not applied"
     with torch.no_grad():
-        for name in diff.deltas:
-            p = model.get_parameter(name)
-            p.copy_(reverted_tensor(diff, name, p.detach()))
+        new = {name: reverted_tensor(diff, name, model.get_parameter(name).detach()) for name in diff.deltas}
+        _check_hashes(diff, new, {n: t["sha256"] for n, t in diff.manifest["base"]["tensors"].items()},
+                      "reverting it does not give back its recorded base tensor")
+        _commit(model, new)
     return "reverted"
 
 
@@ -285,4 +345,4 @@ def _merge_specs(blocks: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
 
 def summary(diff: Diff) -> str:
     """Human-readable lines for ``kedit diff show``."""
-    return M.summary(diff.manifest)
+    return M.summary(diff.manifest, diff.signatures)

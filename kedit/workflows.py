@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import diff as diffmod
 from .atomic import atomic_dir
@@ -21,6 +21,9 @@ from .paradigms import Schedule, check_new_chain, new_chain, run_sequence
 from .scoring import target_probs
 from .sequence import Chain
 from .spec import EditSpec, read_specs
+
+if TYPE_CHECKING:
+    from .signing import Trust
 
 
 def probe_table(model, tok, specs: Sequence[EditSpec]) -> list[dict[str, Any]]:
@@ -270,25 +273,44 @@ def eval_model(config: RunConfig | None = None, diffs: Sequence[str | os.PathLik
             "diffs": [d.id for d in chain], "specs": len(specs), "seed": config.seed, **result}
 
 
-def load_chain(paths: Sequence[str | os.PathLike]) -> list[diffmod.Diff]:
-    return diffmod.check_chain(diffmod.read(p) for p in paths)
+def load_chain(paths: Sequence[str | os.PathLike], trust: "Trust | None" = None) -> list[diffmod.Diff]:
+    """Read diffs (their signatures verified), refuse what ``trust`` requires, check the order."""
+    diffs = [diffmod.read(p) for p in paths]
+    for d in diffs:
+        if trust is not None:
+            trust.check(str(d.path), d.signatures)
+    return diffmod.check_chain(diffs)
 
 
-def verify(paths: Sequence[str], model: str | None = None) -> list[dict[str, Any]]:
-    """Each diff's status against the model, applying earlier ones of the chain in memory."""
-    diffs = load_chain(paths)
+def verify(paths: Sequence[str], model: str | None = None, trust: "Trust | None" = None) -> list[dict[str, Any]]:
+    """Each diff's status against the model, applying earlier ones of the chain in memory, and
+    its signers (marked trusted or not with ``trust``)."""
+    diffs = load_chain(paths, trust)
     lm, _, _ = load(model)
     out = []
     for d in diffs:
+        signed = trust.report(d.signatures) if trust is not None else [dict(s) for s in d.signatures]
         try:
             st = diffmod.state(lm, d)
         except InputError as exc:
-            out.append({"diff": str(d.path), "id": d.id, "status": "refused", "reason": str(exc)})
+            out.append({"diff": str(d.path), "id": d.id, "status": "refused", "reason": str(exc), "signatures": signed})
             break
-        out.append({"diff": str(d.path), "id": d.id, "status": "applies" if st == "base" else "already applied"})
+        out.append({"diff": str(d.path), "id": d.id, "status": "applies" if st == "base" else "already applied",
+                    "signatures": signed})
         if st == "base":
             diffmod.apply(lm, d)
     return out
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that cannot become the result folder, before any work is done."""
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"--out {out}: {parent} is a file, not a folder")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is a file; --out names the folder to write")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
 
 
 def _save_folder(lm, tok, out: Path, extra: dict[str, str] | None = None) -> None:
@@ -300,10 +322,11 @@ def _save_folder(lm, tok, out: Path, extra: dict[str, str] | None = None) -> Non
 
 
 def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
-                    overwrite: bool = False, card: bool = False) -> list[str]:
+                    overwrite: bool = False, card: bool = False, trust: "Trust | None" = None) -> list[str]:
     """Apply a chain to a model and save the result as a ``from_pretrained`` folder."""
+    check_out_folder(Path(out), overwrite)
     with claimed(out, inputs=paths, overwrite=overwrite):
-        diffs = load_chain(paths)
+        diffs = load_chain(paths, trust)
         lm, tok, source = load(model)
         statuses = [diffmod.apply(lm, d) for d in diffs]
         extra = None
@@ -315,10 +338,11 @@ def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | N
 
 
 def revert_in_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
-                     overwrite: bool = False) -> list[str]:
+                     overwrite: bool = False, trust: "Trust | None" = None) -> list[str]:
     """Revert a chain (last diff first) and save the result."""
+    check_out_folder(Path(out), overwrite)
     with claimed(out, inputs=paths, overwrite=overwrite):
-        diffs = load_chain(paths)
+        diffs = load_chain(paths, trust)
         lm, tok, _ = load(model)
         statuses = [diffmod.revert(lm, d) for d in reversed(diffs)]
         _save_folder(lm, tok, Path(out))
@@ -326,9 +350,12 @@ def revert_in_folder(paths: Sequence[str], out: str | os.PathLike, model: str | 
 
 
 def squash(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
-           overwrite: bool = False) -> diffmod.Diff:
+           trust: "Trust | None" = None, overwrite: bool = False) -> diffmod.Diff:
+    """One diff equal to a chain, written to ``out``."""
+    if Path(out).is_dir():
+        raise InputError(f"-o {out}: is a folder; squash writes one diff file")
     with claimed(out, inputs=paths, overwrite=overwrite, flag="-o"):
-        diffs = load_chain(paths)
+        diffs = load_chain(paths, trust)
         lm, _, _ = load(model)
         result = diffmod.squash(lm, diffs)
         diffmod.write(result, out)
