@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
@@ -48,17 +49,28 @@ def num_layers(config) -> int:
 
 
 def arch_for(model_or_config) -> ArchSpec:
-    """The registered ArchSpec for a model (or config); unknown families list what is supported."""
-    from .plugins import lookup
+    """The registered ArchSpec for a model (or config); unknown families name the model's
+    config.json (when it came from a folder) and list what is supported."""
+    from .plugins import registry
 
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
+    where = _config_file(config)
     if not model_type:
-        raise InputError("the model's config has no model_type")
-    try:
-        return lookup("architectures", model_type).obj
-    except InputError as exc:
-        raise InputError(f"no architecture registered for model_type {model_type!r}: {exc}") from None
+        raise InputError(f"{where}: the model's config has no model_type")
+    reg = registry("architectures")
+    if model_type not in reg:
+        known = ", ".join(sorted(reg)) or "(none installed)"
+        raise InputError(f"{where}: no architecture registered for model_type {model_type!r}; available: {known} "
+                         "(`kedit architectures` lists them; a plugin can register more)")
+    return reg[model_type].obj
+
+
+def _config_file(config) -> str:
+    folder = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "")
+    if folder and Path(folder).is_dir():
+        return str(Path(folder) / "config.json")
+    return f"model {folder!r}" if folder else "the model"
 
 
 def resolve_layer(layer: int, config) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import InputError
+from .progress import SILENT, Progress
 
 BUILTIN = "builtin"
 SAMPLED = "sampled"
@@ -92,12 +93,13 @@ def _factbook_files() -> list[Path]:
     return files
 
 
-def builtin_documents() -> tuple[list[str], str]:
+def builtin_documents(progress: Progress = SILENT) -> tuple[list[str], str]:
     """The Factbook's prose fields, one document each, in a fixed shuffled order (so any prefix
     of the token stream spans many countries and topics), and their content hash.
 
     The extraction takes about a second; it is cached on disk under the hash of the data files'
-    bytes, so later runs pay only for hashing them."""
+    bytes, so later runs pay only for hashing them. A damaged cache file (truncated, edited) is
+    rebuilt with a warning, never used."""
     if not _BUILTIN_CACHE:
         from .atomic import atomic_write_text
         from .cache import cache_root
@@ -114,8 +116,10 @@ def builtin_documents() -> tuple[list[str], str]:
             try:
                 cached = json.loads(path.read_text(encoding="utf-8"))
                 if docs_sha256(cached["documents"]) != cached["sha256"]:
-                    cached = None  # a damaged cache file is rebuilt, never used
-            except (OSError, ValueError, KeyError, TypeError):
+                    raise ValueError("its documents do not match their checksum")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                why = str(exc) if type(exc) is ValueError else f"unreadable: {type(exc).__name__}"
+                progress.warn(f"the built-in corpus cache {path} is damaged ({why}); rebuilding it")
                 cached = None
         if cached is None:
             docs: list[str] = []
@@ -147,11 +151,11 @@ class Corpus:
     describe: dict[str, Any] = field(default_factory=dict)
 
 
-def open_corpus(spec: str | None) -> Corpus:
+def open_corpus(spec: str | None, progress: Progress = SILENT) -> Corpus:
     """``spec``: a file path, ``hf:NAME[:CONFIG]``, or ``builtin`` (also for None). The model-
     sampled corpus needs the model and is made by :mod:`kedit.stats`."""
     if spec is None or spec == BUILTIN:
-        docs, sha = builtin_documents()
+        docs, sha = builtin_documents(progress)
         return Corpus(BUILTIN, lambda: docs, sha,
                       {"kind": BUILTIN, "name": "factbook", "source": FACTBOOK_SOURCE, "licence": FACTBOOK_LICENCE,
                        "package": f"{FACTBOOK_PACKAGE} {md.version(FACTBOOK_PACKAGE)}", "documents": len(docs)})

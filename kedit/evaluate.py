@@ -8,6 +8,7 @@ difference and ``ci`` a 95% interval (of the difference when there is a base, el
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from .api import EvalContext, EvalResult
-from .atomic import atomic_path
-from .cache import cache_root, file_sha256
+from .cache import cache_root, file_sha256, read_checked, write_checked
 from .errors import InputError, KeditError
 from .hashing import json_sha256, tokenizer_sha256
 from .options import bind, validate
@@ -145,6 +145,18 @@ class _Run:
     cached: bool = False
 
 
+def _read_run(path: Path) -> "_Run | str":
+    """A cached base run if its file is intact (its checksum holds) and readable; else why not."""
+    data, problem = read_checked(path)
+    if data is None:
+        return problem
+    try:
+        blob = torch.load(io.BytesIO(data), weights_only=True)  # plain containers and tensors only
+        return _Run(EvalResult(**blob["result"]), blob["reference"], blob["seconds"], cached=True)
+    except Exception as exc:  # intact bytes of an unexpected layout: recomputed, never trusted
+        return f"unreadable: {type(exc).__name__}"
+
+
 @dataclass
 class Evaluation:
     """Evaluators on one set of specs; call :meth:`base` on the unedited model, then (when there
@@ -166,8 +178,8 @@ class Evaluation:
     def _key(self, c: Chosen) -> str:
         """The base result's cache key: the model's and tokenizer's content, the evaluator (name,
         package, version, protocol), its options with data paths replaced by data hashes, the
-        specs and the seed."""
-        return json_sha256({"v": 2, "model": self.fingerprint, "tokenizer": self.tokenizer, "evaluator": c.name,
+        specs and the seed. (v3: the cached files carry a checksum.)"""
+        return json_sha256({"v": 3, "model": self.fingerprint, "tokenizer": self.tokenizer, "evaluator": c.name,
                             "package": c.entry.package, "version": c.entry.version, "protocol": c.entry.obj.protocol,
                             "options": options_key(c.options),
                             "specs": specs_sha256(self.specs) if c.entry.obj.uses_specs else None, "seed": self.seed})
@@ -196,13 +208,12 @@ class Evaluation:
         for c in self.chosen:
             path = cache_root() / "eval" / f"{self._key(c)}.pt"
             if self.use_cache and path.is_file():
-                try:
-                    blob = torch.load(path, weights_only=True)  # plain containers and tensors only
-                    self.base_runs[c.name] = _Run(EvalResult(**blob["result"]), blob["reference"],
-                                                  blob["seconds"], cached=True)
+                cached = _read_run(path)
+                if isinstance(cached, _Run):
+                    self.base_runs[c.name] = cached
                     continue
-                except Exception:  # a damaged cache entry is recomputed, never trusted
-                    path.unlink(missing_ok=True)
+                self.progress.warn(f"evaluation cache file {path} is damaged ({cached}); recomputing it")
+                path.unlink(missing_ok=True)
             if self.use_cache:
                 self.progress.note(f"{c.name} on the unedited model is computed once per model, data, options and "
                                    f"specs, then read from {path.parent}")
@@ -210,9 +221,10 @@ class Evaluation:
             self.base_runs[c.name] = run
             if self.use_cache:
                 r = run.result
-                with atomic_path(path) as tmp:
-                    torch.save({"result": {"metrics": r.metrics, "samples": r.samples, "info": r.info},
-                                "reference": run.reference, "seconds": run.seconds}, tmp)
+                buf = io.BytesIO()
+                torch.save({"result": {"metrics": r.metrics, "samples": r.samples, "info": r.info},
+                            "reference": run.reference, "seconds": run.seconds}, buf)
+                write_checked(path, buf.getvalue())
 
     def edited(self, model: torch.nn.Module, tok: Any) -> None:
         if not self.base_runs:

@@ -1,7 +1,9 @@
 """Loading a causal LM and its tokenizer: the embedded default, a GGUF file, a local folder or a Hub id.
 
 GGUF files are dequantized to fp32 once and cached as safetensors (keyed by the file's sha256),
-so only the first load pays for the dequantization.
+so only the first load pays for the dequantization. The cached folder carries a content record
+(:mod:`kedit.cache`) that every load checks: a damaged copy is rebuilt, never used. Local folders
+are checked against their config.json while they load (:mod:`kedit.loadcheck`).
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from .atomic import atomic_dir
-from .cache import cache_root, file_sha256
+from .cache import cache_root, file_sha256, has_record, verify_folder, write_record
 from .errors import InputError
+from .loadcheck import brief
 from .progress import SILENT, Progress
 
 if TYPE_CHECKING:
@@ -74,22 +77,54 @@ def _quiet_transformers() -> None:
 
 
 def _cached_gguf_folder(gguf: Path, progress: Progress) -> tuple[Path, str]:
+    """The verified fp32 copy of ``gguf``, made (or remade, if damaged) first when needed."""
     digest = file_sha256(gguf)
     folder = gguf_cache_folder(gguf, digest)
-    if not (folder / "config.json").is_file():
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if folder.exists():
+        problem = verify_folder(folder)
+        if problem is None:
+            return folder, digest
+        if has_record(folder):
+            progress.warn(f"the cached fp32 copy of {gguf.name} in {folder} is damaged ({problem}); rebuilding it")
+        else:  # written before caches carried a record: its content cannot be vouched for
+            progress.note(f"the cached fp32 copy of {gguf.name} in {folder} predates content records; "
+                          "rebuilding it once, so that later runs can verify it")
+    _dequantize(gguf, folder, progress)
+    return folder, digest
 
-        _quiet_transformers()
-        progress.note(f"dequantizing {gguf.name} to fp32: about half a minute, once (cached in {folder})")
-        with progress.stage("dequantizing the model"), _gguf_progress(progress):
+
+def _dequantize(gguf: Path, folder: Path, progress: Progress) -> None:
+    """Write ``gguf`` as an fp32 ``from_pretrained`` folder with a content record; a file that is
+    not a readable GGUF model is an InputError naming it, and leaves no folder behind."""
+    _check_gguf_header(gguf)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    progress.note(f"dequantizing {gguf.name} to fp32: about half a minute, once (cached in {folder})")
+    with progress.stage("dequantizing the model"), _gguf_progress(progress):
+        try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-            _drop_gguf_quantization(model)
-            with atomic_dir(folder) as tmp:
-                model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-    return folder, digest
+        except ImportError:
+            raise
+        except Exception as exc:  # the reader's errors (struct, reshape, mmap) all mean a bad file
+            raise InputError(f"{gguf}: cannot read it as a GGUF model; is it truncated or damaged? "
+                             f"({brief(exc)})") from None
+        _drop_gguf_quantization(model)
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_record(tmp)  # last: a folder with a record is complete
+
+
+def _check_gguf_header(gguf: Path) -> None:
+    with open(gguf, "rb") as fh:
+        magic = fh.read(4)
+    if not magic:
+        raise InputError(f"{gguf}: the file is empty, not a GGUF model")
+    if magic != b"GGUF":
+        raise InputError(f"{gguf}: not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
 @contextlib.contextmanager
@@ -145,20 +180,43 @@ def resolve(name_or_path: str | None, progress: Progress = SILENT) -> tuple[str,
 
 def load(name_or_path: str | None = None, device: str = "cpu", quiet: bool = True,
          progress: Progress | None = None) -> LoadedModel:
-    """Load ``(model, tokenizer, source)`` in fp32, eval mode, right padding."""
+    """Load ``(model, tokenizer, source)`` in fp32, eval mode, right padding.
+
+    A local folder (or a GGUF file's cached copy) is checked while it loads: a config.json that
+    is not JSON or names an unknown model_type, a missing tokenizer, weights missing from or
+    extra to what config.json describes, and tensors of the wrong shape are InputErrors naming
+    the file, never a model with randomly initialised parts."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from . import loadcheck
 
     if progress is None:
         progress = Progress(quiet=quiet)
     target, source = resolve(name_or_path, progress)
+    folder = None if source.kind == "hub" else Path(target)
     _quiet_transformers()
     with progress.stage(f"loading {source.name_or_path}"):
+        config = loadcheck.read_config(target, folder)
+        tok = loadcheck.load_tokenizer(target, folder)
         try:
-            tok = AutoTokenizer.from_pretrained(target)
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+            model, info = AutoModelForCausalLM.from_pretrained(target, config=config, dtype=torch.float32,
+                                                               output_loading_info=True)
         except OSError as exc:
-            raise InputError(f"cannot load model {name_or_path!r}: {exc}") from None
+            raise InputError(f"cannot load model {name_or_path!r}: {brief(exc)}") from None
+        except SafetensorError as exc:
+            raise InputError(f"{target}: a weights file is truncated or damaged ({brief(exc)})") from None
+        except (RuntimeError, ValueError) as exc:
+            if folder is None:
+                raise
+            if "size" in str(exc) and "mismatch" in str(exc):
+                raise loadcheck.size_mismatch_error(folder, config, exc) from None
+            if isinstance(exc, ValueError):  # e.g. a config of a model that is not a causal LM
+                raise InputError(f"{folder / 'config.json'}: not loadable as a causal language model "
+                                 f"({brief(exc)})") from None
+            raise
+        loadcheck.check_loading_info(target, info)
     if source.kind == "hub":
         source = ModelSource(source.name_or_path, getattr(model.config, "_commit_hash", None), "hub")
     prepare_tokenizer(tok)

@@ -154,6 +154,11 @@ class Progress:
         if not self.quiet:
             print(f"kedit: {text}", file=self.stream, flush=True)
 
+    def warn(self, text: str) -> None:
+        """A one-line warning (a damaged cache being rebuilt, say): printed even when quiet, since
+        quiet silences progress, not news that something was wrong."""
+        print(f"kedit: warning: {text}", file=self.stream, flush=True)
+
     @contextlib.contextmanager
     def stage(self, desc: str) -> Iterator[None]:
         """A step without a count: ``desc …`` when it starts and ``desc: done in T`` when it ends

@@ -8,6 +8,10 @@ disk under a content key (the weights that can influence the keys, the tokenizer
 and rules, the corpus's content hash and the budget), so an edit above layer l never invalidates
 layer l, and a renamed folder never serves stale statistics.
 
+Each statistics file carries its shape, token count and the sha256 of its bytes; a file that
+does not verify (truncated, altered, of another width, non-finite, or written before checksums)
+is recomputed with a warning, never used.
+
 The default corpus is the built-in one (:mod:`kedit.corpus`): real text shipped with kedit, so
 the first run needs no data and samples nothing. ``sampled`` draws text from the model itself
 (seeded top-k sampling from short prompts; slow on a CPU, cached on disk).
@@ -22,13 +26,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .api import StatsProvider
 from .arch import ArchSpec, arch_for, num_layers, resolve_layer
 from .atomic import atomic_path, atomic_write_text
-from .cache import cache_root, file_sha256
+from .cache import cache_root, check_file_record, file_sha256, write_file_record
 from .corpus import BUILTIN, SAMPLED, Corpus, open_corpus, read_documents
 from .errors import InputError, KeditError
-from .hashing import json_sha256, tensor_sha256, tokenizer_sha256
+from .hashing import dtype_name, json_sha256, tensor_sha256, tokenizer_sha256
 from .progress import SILENT, Progress
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
 __all__ = ["KeyStats", "parse_layers", "fingerprints", "pack_rows", "accumulate", "sample_documents",
@@ -222,6 +228,55 @@ def sample_documents(model: "torch.nn.Module", tokenizer: Any, n_tokens: int, ma
     return docs
 
 
+def _d_k(model: "torch.nn.Module", arch: ArchSpec, layer: int) -> int:
+    """The key width at ``layer``: the input size of its MLP output matrix."""
+    return int(arch.to_out_in(model.get_submodule(arch.mlp_out.format(layer)).weight).shape[1])
+
+
+def write_moment(path: "Path", moment: "torch.Tensor", count: int, meta: dict[str, str]) -> None:
+    """Save a moment with what :func:`read_moment` checks: its shape, dtype, token count and the
+    sha256 of its bytes (in the safetensors metadata)."""
+    from safetensors.torch import save_file
+
+    moment = moment.contiguous()
+    meta = {**meta, "count": str(count), "shape": ",".join(map(str, moment.shape)), "dtype": dtype_name(moment.dtype),
+            "sha256": tensor_sha256(moment)}
+    with atomic_path(path) as tmp:
+        save_file({"mom2": moment}, str(tmp), metadata=meta)
+
+
+def read_moment(path: "Path", key: str, d_k: int) -> "tuple[torch.Tensor, int] | str":
+    """``(moment, count)`` from a statistics file if it is intact and fits (d_k × d_k float64,
+    finite, the recorded checksum, a positive count, this cache key); otherwise why not, in a few
+    words. A file written before checksums were recorded is never trusted: it is recomputed."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+            moment = fh.get_tensor("mom2")
+    except Exception as exc:  # safetensors raises its own errors for truncated or garbled files
+        return f"cannot be read ({type(exc).__name__}), perhaps truncated"
+    if "sha256" not in meta:
+        return "was written without a checksum (by an older kedit)"
+    try:
+        count = int(meta["count"])
+    except (KeyError, ValueError):
+        return "has no token count"
+    if meta.get("key") != key:
+        return "belongs to another cache key"
+    if moment.dtype != torch.float64 or tuple(moment.shape) != (d_k, d_k):
+        return f"holds a {dtype_name(moment.dtype)} {'×'.join(map(str, moment.shape))} matrix, not float64 {d_k}×{d_k}"
+    if tensor_sha256(moment) != meta["sha256"]:
+        return "does not match its checksum"
+    if count < 1:
+        return f"records {count} tokens"
+    if not bool(torch.isfinite(moment).all()):
+        return "holds non-finite values"
+    return moment, count
+
+
 class KeyStats(StatsProvider):
     """The host's key-statistics provider, made from the run's :class:`kedit.config.StatsConfig`.
 
@@ -253,18 +308,23 @@ class KeyStats(StatsProvider):
         if self._source is not None:
             return self._source
         if self.corpus != SAMPLED:
-            self._source = open_corpus(self.corpus)
+            self._source = open_corpus(self.corpus, self.progress)
             return self._source
         assert full_fp is not None
         key = json_sha256([_VERSION, full_fp, tok_sha, self.seed, self.n_tokens, self.max_len, SEED_PROMPTS,
                            SAMPLE_BATCH])
         path = cache_root() / "corpora" / f"sampled-{key[:40]}.jsonl"
+        if path.is_file() and (problem := check_file_record(path)) is not None:
+            self.progress.warn(f"the sampled statistics corpus {path} is damaged or unverified ({problem}); "
+                               "sampling it again")
+            path.unlink(missing_ok=True)
         if not path.is_file():
             self.progress.note(f"sampling {self.n_tokens:,} tokens of statistics text from the model: minutes on a "
                                f"CPU, once per model and seed (cached in {path.parent}); the built-in corpus "
                                "(--corpus builtin, the default) or --corpus FILE skips it")
             docs = sample_documents(model, tokenizer, self.n_tokens, self.max_len, self.seed, self.progress)
             atomic_write_text(path, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+            write_file_record(path)
         docs_list = read_documents(path)
         self._source = Corpus(SAMPLED, lambda: docs_list, file_sha256(path),
                               {"kind": "model-sampled", "model_fingerprint": full_fp, "seed": self.seed,
@@ -306,9 +366,6 @@ class KeyStats(StatsProvider):
         Layers found neither in memory nor on disk are computed together in one forward pass
         that stops after the deepest of them.
         """
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
         arch = arch_for(model)
         layers = sorted({resolve_layer(int(x), model.config) for x in layers})
         tok_sha = tokenizer_sha256(tokenizer)
@@ -318,12 +375,11 @@ class KeyStats(StatsProvider):
         for layer in layers:
             t0, key, source = time.perf_counter(), keys[layer], "memory"
             if key not in self._memory and files[layer].is_file():
-                try:
-                    with safe_open(str(files[layer]), "pt") as fh:
-                        self._memory[key] = (fh.get_tensor("mom2"), int(fh.metadata()["count"]))
-                    source = "disk"
-                except Exception:  # an unreadable cache file is recomputed and replaced
-                    pass
+                moment = read_moment(files[layer], key, _d_k(model, arch, layer))
+                if isinstance(moment, str):
+                    self.progress.warn(f"key statistics file {files[layer]} {moment}; recomputing it")
+                else:
+                    self._memory[key], source = moment, "disk"
             if key in self._memory:
                 self.last[layer] = {"source": source, "seconds": time.perf_counter() - t0}
         missing = [layer for layer in layers if layer not in self.last]
@@ -343,8 +399,7 @@ class KeyStats(StatsProvider):
                 meta = {"count": str(count), "module": arch.mlp_out.format(layer), "key": keys[layer],
                         "corpus_sha256": str(self._source.sha256), "corpus": json.dumps(self._source.describe),
                         "n_tokens": str(self.n_tokens), "max_len": str(self.max_len), "seed": str(self.seed)}
-                with atomic_path(files[layer]) as tmp:
-                    save_file({"mom2": moments[layer].contiguous()}, str(tmp), metadata=meta)
+                write_moment(files[layer], moments[layer], count, meta)
                 self._memory[keys[layer]] = (moments[layer], count)
                 self.last[layer] = {"source": "computed", "seconds": time.perf_counter() - t0}
         out = {}

@@ -145,7 +145,7 @@ def test_sampled_corpus_is_found_again_after_the_tokenizer_was_used(cache):
     _use_padding_and_truncation(tok)
     again = KeyStats("sampled", n_tokens=60, max_len=4)
     again.second_moment(model, tok, [1])
-    assert again.record()["corpus"]["path"] == path and len(list((cache / "corpora").glob("sampled-*"))) == 1
+    assert again.record()["corpus"]["path"] == path and len(list((cache / "corpora").glob("sampled-*.jsonl"))) == 1
     assert {info["source"] for info in again.last.values()} == {"disk"}
 
 
