@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, sweep
 from .cache import cache_root, file_sha256, has_record, verify_folder, write_record
 from .errors import InputError
 from .loadcheck import brief
@@ -80,6 +80,7 @@ def _cached_gguf_folder(gguf: Path, progress: Progress) -> tuple[Path, str]:
     """The verified fp32 copy of ``gguf``, made (or remade, if damaged) first when needed."""
     digest = file_sha256(gguf)
     folder = gguf_cache_folder(gguf, digest)
+    sweep(folder.parent)  # a conversion killed half-way left hundreds of MB in a temporary folder
     if folder.exists():
         problem = verify_folder(folder)
         if problem is None:
