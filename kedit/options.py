@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -24,6 +25,12 @@ def _value(raw: str) -> Any:
         return loads(raw, "VALUE")
     except InputError:
         return raw
+
+
+def _path(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(type(value).__name__)
 
 
 def _infinite(text: str) -> bool:
@@ -57,7 +64,7 @@ def validate(kind: str, name: str, cls: type[BaseModel], values: dict[str, Any])
         if bad:
             raise InputError(f"bad value {value!r} for option {key!r} of {kind} {name!r}: numbers must be finite")
     try:
-        text = json.dumps(values, allow_nan=False)
+        text = json.dumps(values, allow_nan=False, default=_path)
     except (TypeError, ValueError):  # Python objects JSON cannot hold: validated as they are
         text = None
     try:

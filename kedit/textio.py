@@ -97,11 +97,15 @@ def _line_of(bare: str, pattern: re.Pattern[str]) -> int | None:
     return None if m is None else bare.count("\n", 0, m.start()) + 1
 
 
-def _too_deep(bare: str) -> int | None:
-    """The line where ``bare`` (JSON without its strings) first nests deeper than MAX_DEPTH."""
-    if bare.count("[") + bare.count("{") <= MAX_DEPTH:
+def _bare(text: str) -> str:
+    return _STRING.sub('""', text)  # JSON strings hold no raw newline, so line numbers survive
+
+
+def _too_deep(text: str) -> int | None:
+    """The line where JSON ``text`` first nests deeper than MAX_DEPTH (brackets in strings aside)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:  # the common case: no need to look closer
         return None
-    depth = 0
+    bare, depth = _bare(text), 0
     for m in _BRACKET.finditer(bare):
         if m.group() in "[{":
             depth += 1
@@ -126,12 +130,10 @@ def _constant(text: str) -> Any:
 def loads(text: str, path: str | os.PathLike, line: int | None = None) -> Any:
     """Parse JSON from ``path`` (at ``line``, or a whole file when None): nesting at most
     MAX_DEPTH, numbers finite; every failure is an InputError naming file and line."""
-    bare = _STRING.sub('""', text)  # JSON strings hold no raw newline, so line numbers survive
-
     def at(lineno: int | None) -> str:
         return f"{path}:{line if line is not None else lineno or 1}"
 
-    deep = _too_deep(bare)
+    deep = _too_deep(text)
     if deep is not None:
         raise InputError(f"{at(deep)}: JSON nested deeper than {MAX_DEPTH} levels")
     try:
@@ -139,7 +141,7 @@ def loads(text: str, path: str | os.PathLike, line: int | None = None) -> Any:
     except json.JSONDecodeError as exc:
         raise InputError(f"{at(exc.lineno)}: malformed JSON: {exc.msg} (column {exc.colno})") from None
     except _NotFinite as exc:
-        raise InputError(f"{at(_line_of(bare, re.compile(re.escape(str(exc)))))}: {exc} is not a JSON number "
+        raise InputError(f"{at(_line_of(_bare(text), re.compile(re.escape(str(exc)))))}: {exc} is not a JSON number "
                          "(numbers must be finite; use null or a string)") from None
     except RecursionError:
         raise InputError(f"{at(None)}: JSON nested too deeply to read") from None
