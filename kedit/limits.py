@@ -3,7 +3,8 @@
 Each limit is there so bad input fails in a second with one line, not after minutes of work:
 a prompt longer than the model's context once ran for ten minutes at 6 GB before it was killed,
 and a 110 MB ``meta`` edited for 28 s and then broke the diff's header (safetensors refuses
-headers over 100 MB). The limits are far above what an edit needs; docs: README "Spec limits".
+headers over 100 MB). The limits are far above what an edit needs; the README lists them
+(Quickstart).
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 from .errors import InputError
 
-MAX_DEPTH = 64  # JSON nesting; edit specs need 3, and the safetensors header reader stops at 128
-MAX_LINE_BYTES = 4 * 1024 * 1024  # one JSONL line; a spec is a few kB (see docs: spec limits)
+MAX_DEPTH = 64  # JSON nesting; specs need 3 or 4, and Python's parser overflows its stack near 1000
+MAX_LINE_BYTES = 4 * 1024 * 1024  # one JSONL line; a spec is a few kB (README, Quickstart)
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _OTHER_BOMS = [(b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
