@@ -95,12 +95,12 @@ def parse_pairs(pairs: list[list[str]] | None) -> dict[str, Any]:
     return {k: _value(v) for k, v in (pairs or [])}
 
 
-def parse_reg(text: str) -> tuple[str, dict[str, Any] | Any]:
+def parse_reg(text: str, label: str = "--reg") -> tuple[str, dict[str, Any] | Any]:
     """``rect`` -> (rect, {}); ``rect:0.4`` -> (rect, 0.4) for the primary option; ``rect:k=0.4,eps=1e-8``."""
     name, sep, rest = text.partition(":")
     name = name.strip()
     if not name or (sep and not rest.strip()):
-        raise InputError(f"malformed --reg {text!r}: use NAME, NAME:VALUE or NAME:KEY=VALUE[,KEY=VALUE]")
+        raise InputError(f"malformed {label} {text!r}: use NAME, NAME:VALUE or NAME:KEY=VALUE[,KEY=VALUE]")
     if not sep:
         return name, {}
     if "=" not in rest:
@@ -109,7 +109,7 @@ def parse_reg(text: str) -> tuple[str, dict[str, Any] | Any]:
     for part in rest.split(","):
         key, eq, val = part.partition("=")
         if not eq or not key.strip() or not val.strip():
-            raise InputError(f"malformed --reg {text!r}: {part!r} is not KEY=VALUE")
+            raise InputError(f"malformed {label} {text!r}: {part!r} is not KEY=VALUE")
         values[key.strip()] = _value(val.strip())
     return name, values
 
@@ -119,7 +119,7 @@ def bind(kind: str, label: str, text: str) -> tuple[Any, dict[str, Any]]:
     return it with its raw option values, a bare VALUE bound to the plugin's ``primary`` option."""
     from .plugins import lookup
 
-    name, values = parse_reg(text)
+    name, values = parse_reg(text, label)
     entry = lookup(kind, name)
     if not isinstance(values, dict):
         primary = getattr(entry.obj, "primary", None)

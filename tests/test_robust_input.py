@@ -267,6 +267,8 @@ def test_the_library_refuses_the_same_counts():
     (["--reg", "rect:1.5"], "bad value 1.5 for option 'k' of regularizer 'rect': Input should be less than or equal to 1"),
     (["--reg", "rect:false"], "bad value false for option 'k' of regularizer 'rect'"),
     (["-o", "steps", DEEP[:2000]], "bad value '[[[["),
+    (["--eval", "fluency:max_new_tokens=1.5"], "bad value 1.5 for option 'max_new_tokens' of evaluator 'fluency'"),
+    (["--eval", "counterfact:"], "malformed evaluator 'counterfact:'"),
 ])
 def test_strict_options_on_the_command_line(run_cli, spec_file, workdir, args, message):
     _refused(run_cli, "apply", spec_file, "--plugin", "ft", *args, message=message)
