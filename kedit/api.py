@@ -50,7 +50,9 @@ def __getattr__(name: str) -> Any:
 
 
 class Options(BaseModel):
-    """Base for plugin options: unknown keys are errors."""
+    """Base for plugin options: unknown keys are errors. The host validates every plugin's
+    options strictly (:func:`kedit.options.validate`): no bool/number coercion, no numbers in
+    strings, finite floats only."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -14,6 +14,38 @@ KIND_COMMANDS = {"editors": "editors", "regularizers": "regularizers", "evaluato
                  "importers": "spec_importers", "architectures": "architectures"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``kedit: error:`` line and exit code 2, like every
+    other bad input, instead of the usage text and a SystemExit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"{message} (see `{self.prog} --help`)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes: a whole number of at least 1 (0 would silently mean 1 or nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type of --seed: a whole number in the range :class:`kedit.config.RunConfig` accepts."""
+    from .config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED}, got {value}")
+    return value
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
@@ -332,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .plugins import extend_cli
 
-    parser = argparse.ArgumentParser(prog="kedit", description="Edit facts in a causal LM and share the edit as a verifiable diff.")
+    parser = _Parser(prog="kedit", description="Edit facts in a causal LM and share the edit as a verifiable diff.")
     parser.add_argument("--version", action="version", version=f"kedit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -353,15 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="text for the key statistics of the locate-then-edit editors: a .txt file, "
                    ".json/.jsonl with a text field, hf:NAME (online), builtin (the default: CIA World Factbook "
                    "prose shipped with kedit) or sampled (text sampled from the model; minutes on a CPU)")
-    p.add_argument("--stats-tokens", type=int, help="token budget of the key statistics "
+    p.add_argument("--stats-tokens", type=positive_int, help="token budget of the key statistics "
                    "(default: 20,000 of the built-in corpus or of sampled text, 100,000 of a --corpus file)")
     p.add_argument("--after", action="append", default=[], metavar="DIFF",
                    help="apply these diffs (a chain, in order) first; the new diff continues the chain")
-    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (recorded in the diff)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for every random choice (recorded in the diff)")
     p.add_argument("--mode", choices=["batch", "sequential"], default="batch",
                    help="batch: all specs in one edit (one diff); sequential: consecutive batches, each computed "
                    "on the model the previous ones left, written as a chain folder (default: batch)")
-    p.add_argument("--batch-size", type=int, help="sequential: specs per batch (default 1: instance-sequential)")
+    p.add_argument("--batch-size", type=positive_int, help="sequential: specs per batch (default 1: instance-sequential)")
     p.add_argument("--squash", action="store_true", help="sequential: write one diff instead of a chain folder")
     p.add_argument("--continue", dest="continue_chain", metavar="CHAIN",
                    help="continue a chain folder with the specs it does not hold yet (same editor, options, "
@@ -392,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data for evaluators that read a file or folder; with several, each evaluator takes the "
                    "one of the kind it declares (a file or a folder)")
     p.add_argument("--specs", help="edit specs to evaluate on (default: the specs the diffs record)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every sample drawn (recorded)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of every sample drawn (recorded)")
     p.add_argument("--label", help="name of this run in reports (default: the diffs' editors)")
     p.add_argument("--out", help="also write the JSON result to this file (input of `kedit report`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -416,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("format", help="importer name (see `kedit importers`)")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True, help="spec file to write (JSONL)")
-    p.add_argument("--limit", type=int, help="import at most this many records")
+    p.add_argument("--limit", type=positive_int, help="import at most this many records")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (each is reported) instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o file (never the input)")
     p.set_defaults(func=cmd_import)
@@ -452,11 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help=".txt, .json or .jsonl file (records with \"text\"), hf:NAME[:CONFIG], "
                    "builtin (the default) or sampled (text sampled from the model)")
     p.add_argument("--layers", help="comma-separated layer indices, e.g. 3,4,5,6,7 (required)")
-    p.add_argument("--tokens", type=int, help="token budget (default: 20,000 of the built-in corpus or of "
+    p.add_argument("--tokens", type=positive_int, help="token budget (default: 20,000 of the built-in corpus or of "
                    "sampled text, 100,000 of a file)")
-    p.add_argument("--max-len", type=int, help="tokens per packed row (default: 256, or the model's context)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per forward batch (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model-sampled corpus")
+    p.add_argument("--max-len", type=positive_int, help="tokens per packed row (default: 256, or the model's context)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward batch (default: 16)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the model-sampled corpus")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_stats)

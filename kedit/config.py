@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping, Sequence
 from .errors import InputError
 
 Mode = Literal["batch", "sequential"]
+MAX_SEED = 2**63 - 1  # torch and Python generators take it; above 2**64 torch fails deep inside
 
 
 def _strs(values: Sequence[Any] | None) -> tuple[str, ...]:
@@ -68,8 +69,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "evaluators", _strs(self.evaluators))
         object.__setattr__(self, "data", _strs(self.data))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InputError(f"seed {self.seed!r}: must be a whole number")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed {self.seed!r}: must be a whole number from 0 to {MAX_SEED}")
         if self.device != "cpu" or self.dtype != "float32" or self.group is not None:
             raise InputError(f"device {self.device!r}, dtype {self.dtype!r}: this kedit runs on the CPU in float32")
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .errors import InputError
 from .progress import SILENT, Progress
+from .textio import loads, read_text
 
 BUILTIN = "builtin"
 SAMPLED = "sampled"
@@ -36,20 +37,14 @@ _SPACE = re.compile(r"\s+")
 def read_documents(path: str | Path) -> list[str]:
     """Documents of a .txt (paragraphs split at blank lines, else lines) or .json/.jsonl file of {"text": ...}."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read the corpus ({exc})") from None
+    text = read_text(path)
     if path.suffix.lower() not in (".json", ".jsonl"):
         docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
         if len(docs) <= 1:
             docs = [line.strip() for line in text.splitlines() if line.strip()]
     else:
-        try:
-            records = json.loads(text) if text.lstrip().startswith("[") else \
-                [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: not valid JSON/JSONL ({exc})") from None
+        records = loads(text, path) if text.lstrip().startswith("[") else \
+            [loads(line, path, i) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
         docs = []
         for i, rec in enumerate(records):
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):

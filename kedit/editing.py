@@ -19,6 +19,7 @@ from .api import EditContext, StatsProvider
 from .arch import arch_for
 from .errors import InputError, KeditError
 from .hashing import tokenizer_sha256
+from .limits import check_diff_budget
 from .options import bind, validate
 from .plugins import Registered, lookup
 from .progress import SILENT, Progress
@@ -149,6 +150,7 @@ def compute_diff(loaded: "LoadedModel", specs: list[EditSpec], plan: EditPlan, *
 
     ``sequence`` places the edit inside a sequence (see :mod:`kedit.paradigms`). With ``removal``
     the diff instead takes those edits out of the sequence, through the editor's ``remove``."""
+    check_diff_budget(specs)  # before the work, not when the header is written
     model, tokenizer, source = loaded
     editor = plan.editor
     seed = plan.seed

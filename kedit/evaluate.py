@@ -25,7 +25,7 @@ from .options import bind, validate
 from .plugins import Registered, registry
 from .progress import SILENT, Progress
 from .scoring import TeacherForced
-from .spec import EditSpec, specs_sha256
+from .spec import EditSpec, parse_record, specs_sha256
 
 Z95 = 1.959963984540054
 
@@ -285,7 +285,7 @@ def specs_from_diffs(diffs: Sequence[Any]) -> list[EditSpec]:
     """The specs a chain of diffs records, in order (for ``kedit eval --diff`` without ``--specs``)."""
     out: list[EditSpec] = []
     for d in diffs:
-        for rec in (d.manifest.get("specs") or {}).get("records") or []:
-            out.append(EditSpec.model_validate(rec))
+        for i, rec in enumerate((d.manifest.get("specs") or {}).get("records") or []):
+            out.append(parse_record(rec, f"{d.path or d.id}: recorded spec {i}"))
     return out
 

@@ -96,13 +96,13 @@ def parse_file(path: Path, data: bytes) -> Parsed:
             if not 0 <= start <= end <= len(data) - body:
                 raise ValueError(f"tensor {name} lies outside the file")
             digests[name] = (DTYPES[info["dtype"]], list(info["shape"]), hashlib.sha256(data[body + start:body + end]).hexdigest())
-    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, struct.error, RecursionError) as exc:
         raise InputError(f"{path}: truncated or corrupted diff (not readable as safetensors: {exc})") from None
     if not isinstance(meta, dict) or "kedit.manifest" not in meta:
         raise InputError(f"{path}: not a kedit diff (no kedit.manifest in its metadata)")
     try:
         manifest = json.loads(meta["kedit.manifest"])
-    except (TypeError, json.JSONDecodeError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InputError(f"{path}: corrupted diff (its manifest is not JSON: {exc})") from None
     if not isinstance(manifest, dict):
         raise InputError(f"{path}: corrupted diff (its manifest is not a JSON object)")

@@ -9,13 +9,13 @@ A results file holds one run (the output of ``kedit eval --json`` or ``kedit app
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from .atomic import atomic_path, atomic_write_text
 from .errors import InputError
+from .textio import read_json
 
 HOST_CURVES = ("drift",)  # the host's own weight-drift records, drawn in curves whatever the evaluators
 
@@ -46,10 +46,7 @@ def load_runs(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     for path in paths:
         p = Path(path)
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{p}: cannot read results JSON ({exc})") from None
+        data = read_json(p)
         items = data["runs"] if isinstance(data, dict) and "runs" in data else data if isinstance(data, list) else [data]
         for i, run in enumerate(items):
             if not isinstance(run, dict) or not isinstance(run.get("metrics"), dict):

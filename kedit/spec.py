@@ -4,29 +4,49 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .atomic import atomic_path
 from .errors import InputError
+from .limits import MAX_ID_CHARS, MAX_META_BYTES, MAX_TEXT_CHARS
+from .textio import iter_lines, loads, read_text
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab and line breaks are text
+
+
+def _text(v: str, blank: str = "must not be empty or blank", strip: bool = True) -> str:
+    """``v`` (stripped); refused when blank, absurdly long, or not encodable Unicode."""
+    if strip:
+        v = v.strip()
+    if not v.strip():
+        raise ValueError(blank)
+    if len(v) > MAX_TEXT_CHARS:
+        raise ValueError(f"{len(v):,} characters, at most {MAX_TEXT_CHARS:,} (an edit prompt is a sentence, "
+                         "not a document)")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a lone surrogate {v[exc.start]!r} at character {exc.start + 1} is not Unicode text") from None
+    bad = _CONTROL.search(v)
+    if bad:
+        raise ValueError(f"control character {bad.group()!r} at character {bad.start() + 1} (binary data?)")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_text)]
+Prompt = Annotated[str, AfterValidator(lambda v: _text(v, strip=False))]  # kept as written
 
 
 class Probe(BaseModel):
     """A prompt with the answer expected from it (neighbourhood and portability checks)."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1)
-    target: str = Field(min_length=1)
-
-    @field_validator("prompt", "target")
-    @classmethod
-    def _strip(cls, v: str) -> str:
-        v = v.strip()
-        if not v:
-            raise ValueError("must not be empty or blank")
-        return v
+    prompt: Text
+    target: Text
 
 
 class EditSpec(BaseModel):
@@ -38,29 +58,48 @@ class EditSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str | None = None
-    subject: str
-    prompt: str
-    target_new: str
+    subject: Text
+    prompt: Text
+    target_new: Text
     target_true: str | None = None
-    paraphrases: list[str] = Field(default_factory=list)
+    paraphrases: list[Prompt] = Field(default_factory=list)
     neighborhood: list[Probe] = Field(default_factory=list)
     portability: list[Probe] = Field(default_factory=list)
-    generation_prompts: list[str] = Field(default_factory=list)
+    generation_prompts: list[Prompt] = Field(default_factory=list)
     meta: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("subject", "prompt", "target_new")
+    @field_validator("id")
     @classmethod
-    def _required_text(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty or blank")
-        return v.strip()
+    def _id(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = _text(v, "must not be empty or blank (omit the field to derive an id from the content)")
+        if len(v) > MAX_ID_CHARS:
+            raise ValueError(f"{len(v):,} characters, at most {MAX_ID_CHARS}")
+        if any(c in "\t\n\r" for c in v):
+            raise ValueError(f"{v!r} holds a tab or line break (ids are printed and typed: `--edit ID`)")
+        return v
 
     @field_validator("target_true")
     @classmethod
     def _optional_text(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("must not be empty or blank (omit the field instead)")
-        return None if v is None else v.strip()
+        return None if v is None else _text(v, "must not be empty or blank (omit the field instead)")
+
+    @field_validator("meta")
+    @classmethod
+    def _meta(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(v, ensure_ascii=False, allow_nan=False).encode())
+        except UnicodeEncodeError:
+            raise ValueError("holds a lone surrogate, which is not Unicode text") from None
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not JSON data ({exc})") from None
+        if size > MAX_META_BYTES:
+            raise ValueError(f"{size / 2**20:.1f} MiB as JSON, at most {MAX_META_BYTES / 2**20:g} MiB (meta is "
+                             "copied into every diff's header; keep bulky data in a file and name it here)")
+        return v
 
     @model_validator(mode="after")
     def _template(self) -> "EditSpec":
@@ -112,29 +151,30 @@ def parse_record(record: Any, where: str) -> EditSpec:
 
 
 def read_specs(path: str | os.PathLike) -> list[EditSpec]:
-    """Read a JSONL spec file; any problem raises InputError naming file, line and field."""
+    """Read a JSONL spec file; any problem raises InputError naming file, line and field.
+
+    UTF-8 only (a byte-order mark and CRLF line ends are fine); blank lines are refused except at
+    the end of the file; lines are at most MAX_LINE_BYTES (see :mod:`kedit.limits` for the rest).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
     specs: list[EditSpec] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            where = f"{path}:{lineno}"
-            stripped = line.strip()
-            if not stripped:
-                raise InputError(f"{where}: blank line (JSONL has one JSON object per line; remove it)")
-            if stripped.startswith(("//", "#")):
-                raise InputError(f"{where}: comments are not JSON (remove the line)")
-            try:
-                record = json.loads(stripped)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-            spec = parse_record(record, where)
-            if spec.id in seen:
-                raise InputError(f"{where}: field 'id': {spec.id!r} already used on line {seen[spec.id]}")
-            seen[spec.id] = lineno
-            specs.append(spec)
+    blank: int | None = None  # the first blank line not yet followed by a spec
+    for lineno, line in iter_lines(path):
+        where = f"{path}:{lineno}"
+        stripped = line.strip()
+        if not stripped:
+            blank = blank or lineno
+            continue
+        if blank is not None:
+            raise InputError(f"{path}:{blank}: blank line (JSONL has one JSON object per line; remove it)")
+        if stripped.startswith(("//", "#")):
+            raise InputError(f"{where}: comments are not JSON (remove the line)")
+        spec = parse_record(loads(stripped, path, lineno), where)
+        if spec.id in seen:
+            raise InputError(f"{where}: field 'id': {spec.id!r} already used on line {seen[spec.id]}")
+        seen[spec.id] = lineno
+        specs.append(spec)
     if not specs:
         raise InputError(f"{path}: no edit specs in file")
     return specs
@@ -158,38 +198,44 @@ def specs_sha256(specs: Iterable[EditSpec]) -> str:
     return h.hexdigest()
 
 
+def _starts_with_bracket(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(65536):
+            head = chunk.removeprefix(b"\xef\xbb\xbf").lstrip()
+            if head:
+                return head.startswith(b"[")
+    return False
+
+
 def read_records(path: str | os.PathLike) -> list[tuple[str, Any]]:
-    """Records of a JSON array file or a JSONL file, each with a location string for errors."""
+    """Records of a JSON array file or a JSONL file, each with a location string for errors
+    (read as :mod:`kedit.textio` reads user files: UTF-8, bounded lines and nesting)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+    if _starts_with_bracket(path):
+        data = loads(read_text(path), path)
+        if not isinstance(data, list):
+            raise InputError(f"{path}: expected a JSON array of records")
         return [(f"{path}: record {i}", r) for i, r in enumerate(data)]
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-    return out
+    return [(f"{path}:{lineno}", loads(line, path, lineno)) for lineno, line in iter_lines(path) if line.strip()]
 
 
 def import_specs(records: Iterable[tuple[str, Any]], skip_invalid: bool = False) -> tuple[list[EditSpec], list[str]]:
     """Validate importer output; returns the specs and, with ``skip_invalid``, the problems skipped."""
     specs: list[EditSpec] = []
     skipped: list[str] = []
+    seen: dict[str, str] = {}
     for where, record in records:
         try:
-            specs.append(parse_record(record, where))
+            spec = parse_record(record, where)
+            if spec.id in seen:
+                raise InputError(f"{where}: field 'id': {spec.id!r} already used by {seen[spec.id]}")
         except InputError as exc:
             if not skip_invalid:
                 raise
             skipped.append(str(exc))
+            continue
+        seen[spec.id] = where
+        specs.append(spec)
     return specs, skipped

@@ -14,6 +14,7 @@ from .config import EditJob, RunConfig
 from .editing import EditPlan, compute_diff
 from .errors import InputError
 from .evaluate import Evaluation, default_evaluators, evaluate_chain, resolve_evaluators, specs_from_diffs
+from .limits import check_lengths
 from .locking import exclusive
 from .models import load
 from .outputs import claimed
@@ -78,6 +79,7 @@ def _edit_batch(job: EditJob, config: RunConfig, specs: list[EditSpec]) -> dict[
     chosen = resolve_evaluators(config.evaluators, config.data) if config.evaluators else []
     loaded = load(config.model, device=config.device, progress=progress)
     lm, tok, _ = loaded
+    check_lengths(specs, tok, lm.config, job.specs)
     for d in prior:
         diffmod.apply(lm, d)
     with progress.stage(f"scoring {len(specs)} specs before the edit"):
@@ -184,6 +186,7 @@ def _edit_sequence(job: EditJob, config: RunConfig, specs: list[EditSpec], sched
     chosen = resolve_evaluators(config.evaluators, config.data) if config.evaluators else []
     loaded = load(config.model, device=config.device, progress=progress)
     lm, tok, source = loaded
+    check_lengths(specs, tok, lm.config, job.specs)
     previous: list[EditSpec] = []
     applied = chain.diffs() if isinstance(chain, Chain) else []
     for d in applied:
@@ -266,6 +269,7 @@ def eval_model(config: RunConfig | None = None, diffs: Sequence[str | os.PathLik
                          "or diffs that record their specs")
     progress = config.progress()
     lm, tok, source = load(config.model, device=config.device, progress=progress)
+    check_lengths(specs, tok, lm.config, spec_path)
     result = evaluate_chain(chosen, specs, lm, tok, chain, seed=config.seed, progress=progress,
                             use_cache=config.use_cache)
     editors = sorted({(d.manifest.get("editor") or {}).get("name", "?") for d in chain})

@@ -15,6 +15,16 @@ def _text(value: Any) -> Any:
     return value.get("str") if isinstance(value, dict) else value
 
 
+def _list(record: dict[str, Any], key: str, where: str) -> list[Any]:
+    """A list field (missing: empty); a string here would otherwise be read character by character."""
+    value = record.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InputError(f"{where}: field {key!r}: expected a list, got {type(value).__name__}")
+    return value
+
+
 def convert(record: Any, where: str) -> tuple[str, dict[str, Any]]:
     if not isinstance(record, dict):
         raise InputError(f"{where}: expected a JSON object")
@@ -26,9 +36,10 @@ def convert(record: Any, where: str) -> tuple[str, dict[str, Any]]:
             raise InputError(f"{where}: field 'requested_rewrite': expected an object")
         true = _text(rw.get("target_true"))
         out = {"subject": rw.get("subject"), "prompt": rw.get("prompt"), "target_new": _text(rw.get("target_new")),
-               "target_true": true, "paraphrases": record.get("paraphrase_prompts", []),
-               "neighborhood": [{"prompt": p, "target": true} for p in record.get("neighborhood_prompts", [])] if true else [],
-               "generation_prompts": record.get("generation_prompts", [])}
+               "target_true": true, "paraphrases": _list(record, "paraphrase_prompts", where),
+               "neighborhood": [{"prompt": p, "target": true}
+                                for p in _list(record, "neighborhood_prompts", where)] if true else [],
+               "generation_prompts": _list(record, "generation_prompts", where)}
     else:
         loc = record.get("locality_prompt")
         out = {"subject": record.get("subject"), "prompt": record.get("prompt"),

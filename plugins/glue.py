@@ -7,7 +7,6 @@ records ``{"prompt": ..., "choices": [...], "answer": index}`` is read as a gene
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,10 +97,9 @@ def discover(data: str, tasks: list[str] | None) -> dict[str, tuple[Path, Callab
 
 
 def load_items(path: Path, fmt: Callable[[dict[str, Any]], Item], sample: int | None, seed: int, task: str) -> list[Item]:
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"glue: {path}: cannot read it as JSON ({exc})") from None
+    from kedit.textio import read_json
+
+    records = read_json(path)
     if not isinstance(records, list) or not records:
         raise InputError(f"glue: {path}: expected a non-empty JSON list of records")
     idx = list(range(len(records)))

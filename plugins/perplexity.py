@@ -24,10 +24,9 @@ def read_text(path: str) -> str:
         from kedit.corpus import read_documents
 
         return "\n\n".join(read_documents(p))
-    try:
-        return p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"perplexity: data {path}: cannot read it ({exc})") from None
+    from kedit.textio import read_text as read_utf8
+
+    return read_utf8(p)
 
 
 class Perplexity(Evaluator):

@@ -22,6 +22,8 @@ class ZsRE(SpecImporter):
             if not isinstance(r, dict):
                 raise InputError(f"{where}: expected a JSON object")
             answers = r.get("answers") or []
+            if not isinstance(answers, list):  # a string's first character would become target_true
+                raise InputError(f"{where}: field 'answers': expected a list of strings, got {type(answers).__name__}")
             out = {"id": f"zsre-{i}", "subject": r.get("subject"), "prompt": r.get("src"), "target_new": r.get("alt"),
                    "target_true": answers[0] if answers and answers[0] != r.get("alt") else None,
                    "paraphrases": [r["rephrase"]] if r.get("rephrase") else [],

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kedit_plugins.fluency import generate_greedy, ngram_entropy
-from kedit_plugins.glue import macro_f1
 
 from kedit.evaluate import Evaluation, mean_ci, model_fingerprint, resolve_evaluators, split_eval_list
 from kedit.scoring import TeacherForced, target_ids
 from kedit.spec import EditSpec
 from kedit.testing import tiny_model, tiny_tokenizer
+from kedit_plugins.fluency import generate_greedy, ngram_entropy
+from kedit_plugins.glue import macro_f1
 
 
 class BigramLM(torch.nn.Module):

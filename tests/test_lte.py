@@ -4,9 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_SPECS
-from kedit_plugins.lte import capture, values
-from kedit_plugins.lte.prompts import context_templates, fact_row
-from kedit_plugins.lte.solve import alphaedit_delta, cholesky, emmet_delta, memit_delta, null_space_basis, spd_solve
 
 from kedit import delta as D
 from kedit.api import EditContext
@@ -14,6 +11,9 @@ from kedit.arch import arch_for
 from kedit.spec import EditSpec
 from kedit.stats import KeyStats
 from kedit.testing import CORPUS, tiny_model, tiny_tokenizer
+from kedit_plugins.lte import capture, values
+from kedit_plugins.lte.prompts import context_templates, fact_row
+from kedit_plugins.lte.solve import alphaedit_delta, cholesky, emmet_delta, memit_delta, null_space_basis, spd_solve
 
 
 def _rand(seed=0, d=6, dk=10, n=3):

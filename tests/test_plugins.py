@@ -69,7 +69,9 @@ def test_malformed_reg(text):
 
 
 def test_option_validation_messages():
-    assert validate("editor", "x", _Opts, {"steps": "5"}).steps == 5
+    assert validate("editor", "x", _Opts, {"steps": 5}).steps == 5
+    with pytest.raises(InputError, match=r"bad value '5' for option 'steps'.*without quotes"):
+        validate("editor", "x", _Opts, {"steps": "5"})  # strict: a string is not a number
     with pytest.raises(InputError, match=r"unknown option 'stepz' for editor 'x'; options: k, steps"):
         validate("editor", "x", _Opts, {"stepz": 1})
     with pytest.raises(InputError, match=r"bad value 'many' for option 'steps' of editor 'x'"):

@@ -28,7 +28,8 @@ def test_round_trip_is_canonical(tmp_path):
 
 @pytest.mark.parametrize("lines, message", [
     (['{"subject": "France", "prompt": "The capital of {} is"'], "a.jsonl:1: malformed JSON"),
-    (['{"subject": "France", "prompt": "The capital of {} is", "target_new": "Rome"}', ""], "a.jsonl:2: blank line"),
+    (['{"subject": "France", "prompt": "The capital of {} is", "target_new": "Rome"}', "",
+      '{"subject": "Spain", "prompt": "The capital of {} is", "target_new": "Rome"}'], "a.jsonl:2: blank line"),
     (['// a comment'], "a.jsonl:1: comments are not JSON"),
     (['{"prompt": "The capital of {} is", "target_new": "Rome"}'], "a.jsonl:1: field 'subject': missing"),
     (['{"subject": "France", "prompt": "The capital of {} is", "target_new": "  "}'], "a.jsonl:1: field 'target_new': must not be empty"),
