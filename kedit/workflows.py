@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -20,7 +21,7 @@ from .models import load
 from .outputs import claimed
 from .paradigms import Schedule, check_new_chain, new_chain, run_sequence
 from .scoring import target_probs
-from .sequence import Chain
+from .sequence import CHAIN_FILE, Chain
 from .spec import EditSpec, read_specs
 
 if TYPE_CHECKING:
@@ -172,9 +173,14 @@ def _apply_sequence(job: EditJob, config: RunConfig) -> dict[str, Any]:
         raise InputError(f"--out {job.out}: a sequence is written as a chain folder; pass a folder, or --squash for one diff")
     folder = Path(job.out) if job.out else Path("checkpoints") / f"{job.specs.name.removesuffix('.jsonl')}-{job.editor}-seq"
     check_new_chain(folder)
-    with exclusive(folder, "the chain", folder=True):
-        check_new_chain(folder)
-        return _edit_sequence(job, config, specs, schedule, folder)
+    created = not folder.exists()
+    try:
+        with exclusive(folder, "the chain", folder=True):
+            check_new_chain(folder)
+            return _edit_sequence(job, config, specs, schedule, folder)
+    finally:  # a run that stopped before its chain was created leaves no folder behind
+        if created and not (folder / CHAIN_FILE).exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _edit_sequence(job: EditJob, config: RunConfig, specs: list[EditSpec], schedule: Schedule,

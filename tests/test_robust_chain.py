@@ -129,10 +129,12 @@ def test_a_kill_at_any_write_point_resumes_bit_identical(cenv, reference, k, run
     _same(_outcome(cenv, folder), outcome)
 
 
-def test_second_writer_is_refused_naming_the_holder(cenv, tiny_dirs):
+def test_second_writer_is_refused_naming_the_holder(cenv, reference):
+    import shutil
+
     folder = cenv["tmp"] / "busy"
-    first = _start(cenv, folder)
-    assert first.returncode == 0, first.stderr
+    shutil.copytree(cenv["tmp"] / "ref", folder)
+    more = write_jsonl(cenv["tmp"] / "more.jsonl", [{**_specs(1)[0], "id": "s9", "subject": "Peru"}])
     # hold the chain's lock from a live process, as a long --continue would
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kedit.locking import exclusive\n"
                                f"with exclusive({str(folder)!r}, 'the chain', folder=True):\n"
@@ -140,14 +142,14 @@ def test_second_writer_is_refused_naming_the_holder(cenv, tiny_dirs):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        proc = _continue(cenv, folder)
+        proc = _cli(cenv, "apply", more, "--continue", folder, "-q")
         assert proc.returncode == 2
         assert f"pid {holder.pid}" in proc.stderr and "in use" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     finally:
         holder.kill()
         holder.wait()
-    proc = _continue(cenv, folder)  # the kernel dropped the dead holder's lock
+    proc = _cli(cenv, "apply", more, "--continue", folder, "-q")  # the kernel dropped the dead holder's lock
     assert proc.returncode == 0, proc.stderr
 
 
