@@ -25,13 +25,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from kedit_plugins.lte.solve import spd_solve
 
     from kedit.arch import arch_for
     from kedit.atomic import atomic_write_text
     from kedit.config import RunConfig, StatsConfig
     from kedit.evaluate import Evaluation, resolve_evaluators, specs_from_diffs
     from kedit.sequence import Chain
+    from kedit_plugins.lte.solve import spd_solve
 
     chain = Chain.open(args.chain)
     rec = chain.record

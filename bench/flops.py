@@ -42,11 +42,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     args = ap.parse_args()
 
-    from kedit_plugins.lte import packed, values
-    from kedit_plugins.lte.prompts import context_templates, fact_row, kl_row
-
     from kedit.arch import arch_for
     from kedit.models import load
+    from kedit_plugins.lte import packed, values
+    from kedit_plugins.lte.prompts import context_templates, fact_row, kl_row
 
     model, tok, _ = load(None)
     arch = arch_for(model)

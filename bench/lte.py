@@ -42,10 +42,9 @@ def cases(n: int):
 
 def single_edits(loaded, specs, plan) -> tuple[dict[str, float], float]:
     """Each spec edited alone on the unedited model: mean ES/PS/NS and the median seconds per edit."""
-    from kedit_plugins.edit_metrics import counterfact_scores
-
     from kedit import diff as diffmod
     from kedit.editing import compute_diff
+    from kedit_plugins.edit_metrics import counterfact_scores
 
     model, tok, _ = loaded
     per, times = [], []
@@ -69,13 +68,12 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
 
-    from kedit_plugins.edit_metrics import counterfact_scores
-
     from kedit import diff as diffmod
     from kedit.config import RunConfig, StatsConfig
     from kedit.editing import EditPlan, compute_diff
     from kedit.options import parse_pairs
     from kedit.scoring import perplexity
+    from kedit_plugins.edit_metrics import counterfact_scores
 
     config = RunConfig(stats=StatsConfig(str(DATA / "wikitext2" / "wiki.test.raw"), args.stats_tokens, 256))
     loaded = config.load()

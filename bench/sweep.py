@@ -63,12 +63,11 @@ def main() -> None:
 
     from dataclasses import replace
 
-    from kedit_plugins.edit_metrics import counterfact_scores
-
     from kedit import diff as diffmod
     from kedit.config import RunConfig, StatsConfig
     from kedit.editing import EditPlan, compute_diff
     from kedit.scoring import perplexity
+    from kedit_plugins.edit_metrics import counterfact_scores
 
     config = RunConfig(stats=StatsConfig(str(DATA / "wikitext2" / "wiki.test.raw"), args.stats_tokens, 256))
     loaded = config.load()

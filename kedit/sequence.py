@@ -190,6 +190,13 @@ class Chain:
             removed.append(p.name)
         return sorted(removed)
 
+    def verify(self) -> None:
+        """Check every file the record names against it (diffs by their ids, state and data by
+        their hashes): a writer continues only a chain whose committed files are intact."""
+        self.diffs()
+        self.state()
+        self.step_data()
+
     def diffs(self) -> list[diffmod.Diff]:
         diffs = [diffmod.read(self.path / s["diff"]) for s in self.steps]
         for s, d in zip(self.steps, diffs):

@@ -159,6 +159,7 @@ def _apply_sequence(job: EditJob, config: RunConfig) -> dict[str, Any]:
             job, config = _continued(job, config, chain)
             check_job(job)
             chain.clean()
+            chain.verify()
             return _edit_sequence(job, config, specs, schedule, chain)
     assert job.editor is not None
     check_job(job)
@@ -235,6 +236,7 @@ def remove_from_chain(chain_path: str | os.PathLike, ids: Sequence[str], config:
     with exclusive(chain_path, "the chain", folder=True):
         chain = Chain.open(chain_path)
         chain.clean()
+        chain.verify()
         fields, config = _chain_run(chain, config or RunConfig())
         progress = config.progress()
         loaded = load(config.model, device=config.device, progress=progress)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kedit_plugins.memit import Memit, MemitOptions
 from pydantic import Field
 
 from kedit.api import hookimpl
+from kedit_plugins.memit import Memit, MemitOptions
 
 if TYPE_CHECKING:
     import torch

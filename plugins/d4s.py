@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from kedit_plugins.memit import Memit, MemitOptions
 from pydantic import Field
 
 from kedit.api import EditContext, EditSpec, InputError, hookimpl
+from kedit_plugins.memit import Memit, MemitOptions
 
 if TYPE_CHECKING:
     import torch
@@ -101,6 +101,7 @@ class D4S(Memit):
                    options: Any, context: EditContext) -> dict[str, "torch.Tensor"]:
         """Per layer, W0 + S_RK (λ C0 + S_KK)⁻¹ as a delta against the live weight."""
         import torch
+
         from kedit_plugins.lte.solve import spd_solve
 
         arch = context.arch

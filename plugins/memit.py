@@ -11,18 +11,19 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from kedit_plugins.lte.options import ROTARY, ValueOptions, default_weight_decay
 from pydantic import Field
 
 from kedit.api import EditContext, Editor, EditSpec, Options, hookimpl, num_layers, resolve_layer
+from kedit_plugins.lte.options import ROTARY, ValueOptions, default_weight_decay
 
 if TYPE_CHECKING:
     import torch
+
     from kedit_plugins.lte.values import Values
 
 
 class MemitOptions(ValueOptions, Options):
-    layers: list[int] | None = Field(None, description="edited layers; default: 13%–27% of the depth (4–8 of 30 for SmolLM2)")
+    layers: list[int] | None = Field(None, min_length=1, description="edited layers; default: 13%–27% of the depth (4–8 of 30 for SmolLM2)")
     mom2_update_weight: float | None = Field(
         None, gt=0, description="λ: weight of the preserved keys' statistics C0; default 2000 for rotary decoders "
                                 "(measured on SmolLM2, docs/locate-then-edit.md), 15000 otherwise (GPT-J's value)")
@@ -91,11 +92,10 @@ class Memit(Editor):
                context: EditContext, overrides: dict[str, "torch.Tensor"], call: Any = None) -> dict[str, Any]:
         """One MEMIT pass: layer by layer, keys and the residual Z − H_L on the model as edited so
         far (``overrides``, updated), the residual's share for the layer, and :meth:`solve`."""
+        from kedit.delta import to_dense
         from kedit_plugins.lte import capture
         from kedit_plugins.lte.prompts import fact_row
         from kedit_plugins.lte.solve import stored_lowrank
-
-        from kedit.delta import to_dense
 
         arch, last = context.arch, layers[-1]
         key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kedit_plugins.memit import Memit, MemitOptions
 from pydantic import Field
 
 from kedit.api import EditContext, EditSpec, hookimpl
+from kedit_plugins.memit import Memit, MemitOptions
 
 if TYPE_CHECKING:
     import torch
@@ -47,10 +47,10 @@ class NSE(Memit):
     def edit(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: Any,
              context: EditContext) -> dict[str, Any]:
         import torch
-        from kedit_plugins.lte import capture
-        from kedit_plugins.lte.prompts import fact_row
 
         from kedit.delta import add
+        from kedit_plugins.lte import capture
+        from kedit_plugins.lte.prompts import fact_row
 
         arch = context.arch
         layers, last = options.layers, options.layers[-1]
@@ -90,6 +90,7 @@ class NSE(Memit):
               options: Any, call: Any = None) -> tuple["torch.Tensor", "torch.Tensor"]:
         """ΔW[:, S] = R A_Sᵀ with A_S = (λ C0 + Cp + K Kᵀ)[S,S]⁻¹ K_S; zero outside the selected S."""
         import torch
+
         from kedit_plugins.lte.solve import spd_solve
 
         keys = keys.to(c0)

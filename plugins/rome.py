@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kedit_plugins.lte.options import ValueOptions, default_weight_decay
 from pydantic import Field
 
 from kedit.api import EditContext, Editor, EditSpec, Options, hookimpl, num_layers, resolve_layer
+from kedit_plugins.lte.options import ValueOptions, default_weight_decay
 
 if TYPE_CHECKING:
     import torch
@@ -44,10 +44,10 @@ class Rome(Editor):
     def edit(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: RomeOptions,
              context: EditContext) -> dict[str, Any]:
         import torch
-        from kedit_plugins.lte.prompts import context_templates
-        from kedit_plugins.lte.solve import stored_lowrank
 
         from kedit.delta import add, to_dense
+        from kedit_plugins.lte.prompts import context_templates
+        from kedit_plugins.lte.solve import stored_lowrank
 
         arch = context.arch
         layer = options.layer

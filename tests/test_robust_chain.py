@@ -173,7 +173,7 @@ def test_two_real_continues_at_once_one_wins_and_nothing_is_lost(cenv):
     chain.diffs()
 
 
-def test_altered_state_or_data_is_refused_on_continue(cenv, tmp_path):
+def test_altered_state_or_data_is_refused_on_continue(cenv, reference, tmp_path):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -193,6 +193,8 @@ def test_altered_state_or_data_is_refused_on_continue(cenv, tmp_path):
     (folder / rec["steps"][0]["data"]).write_bytes(b"\0" * 64)
     code, out = _revert_edit(cenv, folder)
     assert code == 2 and "does not match the hash" in out
+    proc = _continue(cenv, folder)  # continuing checks every committed file, not only those it reads
+    assert proc.returncode == 2 and "does not match the hash" in proc.stderr
 
 
 def _revert_edit(cenv, folder):
@@ -200,7 +202,7 @@ def _revert_edit(cenv, folder):
     return proc.returncode, proc.stderr
 
 
-def test_legacy_schema_1_chain_continues_and_is_upgraded(cenv, tmp_path):
+def test_legacy_schema_1_chain_continues_and_is_upgraded(cenv, reference, tmp_path):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -217,6 +219,12 @@ def test_legacy_schema_1_chain_continues_and_is_upgraded(cenv, tmp_path):
     from kedit.sequence import Chain
 
     assert Chain.open(folder).state().keys() == load_file(str(cenv["tmp"] / "ref" / state["file"])).keys()
+    more = write_jsonl(tmp_path / "more.jsonl", [{**_specs(1)[0], "id": "s9", "subject": "Peru"}])
+    proc = _cli(cenv, "apply", more, "--continue", folder, "-q")
+    assert proc.returncode == 0, proc.stderr
+    upgraded = Chain.open(folder)
+    assert upgraded.record["schema"] == 2 and upgraded.record["state"]["file"] == "state-0004.safetensors"
+    assert not (folder / "state.safetensors").exists() and upgraded.spec_ids() == ["s0", "s1", "s2", "s9"]
 
 
 def test_outputs_are_not_overwritten_without_overwrite(cenv, run_cli, tmp_path):
