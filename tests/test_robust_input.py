@@ -293,6 +293,10 @@ def test_strict_options_in_python_for_every_plugin():
         sizes: tuple[int, ...] = Field((1,))
         where: Path = Path(".")
 
+    for name in ("memit", "alphaedit", "d4s", "emmet", "nse"):  # [] silently meant the default layers
+        with pytest.raises(InputError, match=f"bad value \\[\\] for option 'layers' of editor '{name}'"):
+            validate("editor", name, lookup("editors", name).obj.Options, {"layers": []})
+
     got = validate("editor", "tp", ThirdParty, {"sizes": [2, 3], "where": Path("/tmp")})
     assert got.sizes == (2, 3) and got.where == Path("/tmp")
     with pytest.raises(InputError, match=r"option 'sizes.1'"):
