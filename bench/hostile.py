@@ -392,6 +392,7 @@ def _(ctx: Ctx) -> Outcome:
 
 def _signed(ctx: Ctx, name: str) -> tuple[Path, Path] | Outcome:
     key = ctx.work / "cases" / f"{name}.pem"
+    key.parent.mkdir(parents=True, exist_ok=True)
     if not key.exists():
         proc = ctx.kedit("diff", "keygen", key, "--name", name)
         if proc.returncode != 0:
@@ -440,7 +441,12 @@ def _(ctx: Ctx) -> Outcome:
 
 @case("signatures", "unsigned diff with --require-signature")
 def _(ctx: Ctx) -> Outcome:
-    proc = ctx.kedit("diff", "verify", ctx.good, "--model", ctx.llama, "--require-signature", "-q")
+    got = _signed(ctx, "carol")  # carol's key is trusted; the diff below is not signed by anyone
+    if isinstance(got, Outcome):
+        return got
+    pub = got[1].with_name(got[1].name + ".pub")
+    proc = ctx.kedit("diff", "verify", ctx.good, "--model", ctx.llama, "--require-signature", "--trusted-keys", pub,
+                     "-q")
     return refused(proc, proc.returncode if proc.returncode in (1, 2) else 2)
 
 
@@ -609,7 +615,8 @@ def _(ctx: Ctx) -> Outcome:
         subprocess.run([*cmd[:-2], str(out.with_name("sigint-timing.kedit.safetensors")), "--overwrite", "-q"],
                        env=ctx.env, cwd=ctx.work, capture_output=True)
         whole = time.perf_counter() - t0
-    p = subprocess.Popen(cmd, env=ctx.env, cwd=ctx.work, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, env=ctx.env, cwd=ctx.work, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     time.sleep(0.7 * whole)
     p.send_signal(signal.SIGINT)
     code = p.wait(timeout=60)
@@ -700,40 +707,28 @@ def _stats_case(name: str, damage: Callable[[Path], None]):
         return Outcome(same, "recomputed; same edit as with intact statistics" if same else "edit differs: damaged stats used")
 
 
-def _stats_scale(f: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+def _rewrite_stats(change: Callable[[Any], Any]) -> Callable[[Path], None]:
+    """Rewrite a statistics file's tensors, keeping its metadata (so only its checksum can tell)."""
+    def damage(f: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
 
-    with safe_open(str(f), "pt") as fh:
-        meta = fh.metadata()
-        t = {k: fh.get_tensor(k) for k in fh.keys()}
-    save_file({k: v * 50 if v.is_floating_point() else v for k, v in t.items()}, str(f), metadata=meta)
-
-
-def _stats_nan(f: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(f), "pt") as fh:
-        meta = fh.metadata()
-        t = {k: fh.get_tensor(k) for k in fh.keys()}
-    save_file({k: v * float("nan") if v.is_floating_point() else v for k, v in t.items()}, str(f), metadata=meta)
+        with safe_open(str(f), "pt") as fh:
+            meta = fh.metadata()
+            t = {k: fh.get_tensor(k) for k in fh.keys()}
+        save_file({k: change(v) if v.is_floating_point() else v for k, v in t.items()}, str(f), metadata=meta)
+    return damage
 
 
-def _stats_7x7(f: Path) -> None:
+def _eye7(v: Any) -> Any:
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    with safe_open(str(f), "pt") as fh:
-        meta = fh.metadata()
-        t = {k: fh.get_tensor(k) for k in fh.keys()}
-    save_file({k: torch.eye(7, dtype=v.dtype) if v.dim() == 2 else v for k, v in t.items()}, str(f), metadata=meta)
+    return torch.eye(7, dtype=v.dtype) if v.dim() == 2 else v
 
 
-_stats_case("scaled x50", _stats_scale)
-_stats_case("with NaN", _stats_nan)
-_stats_case("replaced by a 7x7 matrix", _stats_7x7)
+_stats_case("scaled x50", _rewrite_stats(lambda v: v * 50))
+_stats_case("with NaN", _rewrite_stats(lambda v: v * float("nan")))
+_stats_case("replaced by a 7x7 matrix", _rewrite_stats(_eye7))
 _stats_case("truncated", lambda f: f.write_bytes(f.read_bytes()[:200]))
 _stats_case("empty", lambda f: f.write_bytes(b""))
 
@@ -913,15 +908,21 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated classes to run")
     ap.add_argument("--real", action="store_true", help="also the cases on the embedded SmolLM2's cache")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "hostile.json"))
+    ap.add_argument("--case", help="run only the cases whose name contains this text")
+    ap.add_argument("--fresh", action="store_true", help="start a new results file instead of updating the "
+                    "cases run in the existing one (the table counts the whole file)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
     work = Path(tempfile.mkdtemp(prefix="kedit-hostile-"))
     ctx = setup(work)
-    results: list[dict[str, Any]] = []
     out = Path(args.json)
+    old = [] if args.fresh or not out.exists() else json.loads(out.read_text())
+    order = [(c, n) for c, n, _ in CASES]
+    kept = {(r["class"], r["case"]): r for r in old if (r["class"], r["case"]) in order}
     for cls, name, fn in CASES:
-        if (only and cls not in only) or (cls == "real model cache" and not args.real):
+        if (only and cls not in only) or (args.case and args.case not in name) \
+                or (cls == "real model cache" and not args.real):
             continue
         t0 = time.perf_counter()
         try:
@@ -930,10 +931,12 @@ def main() -> None:
             res = Outcome(False, f"probe error: {type(exc).__name__}: {exc}"[:200])
         row = {"class": cls, "case": name, "handled": res.handled, "detail": res.detail,
                "seconds": round(time.perf_counter() - t0, 1)}
-        results.append(row)
+        kept[(cls, name)] = row
         print(f"{'ok ' if res.handled else 'BAD'} {cls:<18} {name:<48} {res.detail[:110]}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
+        results = sorted(kept.values(), key=lambda r: order.index((r["class"], r["case"])))
         out.write_text(json.dumps(results, indent=1) + "\n")
+    results = sorted(kept.values(), key=lambda r: order.index((r["class"], r["case"])))
     print(f"\n{'class':<20} {'handled':>8} {'tried':>6}")
     classes = sorted({r["class"] for r in results}, key=[c for c, _, _ in CASES].index)
     for c in classes:

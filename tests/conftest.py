@@ -69,6 +69,39 @@ def spec_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "specs.jsonl", TINY_SPECS)
 
 
+def files_under(root: Path) -> set[str]:
+    """Every file below ``root``, relative: what a refused command must not have changed."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("KEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from kedit.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    from kedit.testing import CORPUS
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(CORPUS * 4), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the kedit CLI in process; returns (exit code, stdout, stderr)."""

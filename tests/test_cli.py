@@ -6,21 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import files_under, write_jsonl
 
 from kedit import diff as diffmod
 
 FAST = ["-o", "layer", "1", "-o", "steps", "5", "-o", "lr", "0.05"]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
-def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
 def _apply(run_cli, spec, model, out, *extra):
@@ -156,10 +150,10 @@ BAD_SPECS = {
 def test_bad_spec_files(run_cli, tiny_dirs, workdir, case):
     text, message = BAD_SPECS[case]
     (workdir / "specs.jsonl").write_text(text)
-    before = _files(workdir)
+    before = files_under(workdir)
     code, out, err = run_cli("apply", "specs.jsonl", "--plugin", "ft", "--model", tiny_dirs["gpt2"])
     assert code == 2 and message in err and err.count("\n") == 1
-    assert _files(workdir) == before
+    assert files_under(workdir) == before
     code, _, err = run_cli("check", "specs.jsonl")
     assert code == 2 and message in err
 
@@ -178,10 +172,10 @@ def test_bad_spec_files(run_cli, tiny_dirs, workdir, case):
     (["import", "nope", "x.json", "-o", "y.jsonl"], "unknown spec importer 'nope'"),
 ])
 def test_bad_arguments(run_cli, spec_file, workdir, args, message):
-    before = _files(workdir)
+    before = files_under(workdir)
     code, _, err = run_cli(*[str(spec_file) if a == "SPEC" else a for a in args])
     assert code == 2 and message in err, err
-    assert _files(workdir) == before
+    assert files_under(workdir) == before
 
 
 def test_bad_diffs(run_cli, tiny_dirs, spec_file, workdir):
@@ -191,13 +185,13 @@ def test_bad_diffs(run_cli, tiny_dirs, spec_file, workdir):
     flipped = bytearray(raw)
     flipped[len(raw) - 50] ^= 1
     (workdir / "flip.kedit.safetensors").write_bytes(bytes(flipped))
-    before = _files(workdir)
+    before = files_under(workdir)
     for name, message in [("cut", "truncated or corrupted"), ("flip", "corrupted diff")]:
         code, _, err = run_cli("diff", "apply", f"{name}.kedit.safetensors", "--model", tiny_dirs["gpt2"], "--out", "o")
         assert code == 2 and message in err, err
     code, _, err = run_cli("diff", "apply", result["diff"], "--model", tiny_dirs["gpt2-other"], "--out", "o")
     assert code == 2 and "made for another model" in err
-    assert _files(workdir) == before
+    assert files_under(workdir) == before
 
 
 def test_chain_out_of_order_is_refused(run_cli, tiny_dirs, workdir):

@@ -21,25 +21,9 @@ from kedit import stats as S
 from kedit.atomic import atomic_dir
 from kedit.errors import InputError
 from kedit.progress import Progress
-from kedit.testing import CORPUS, tiny_model, tiny_tokenizer
+from kedit.testing import CORPUS, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("KEDIT_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(CORPUS * 4), encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("cache_dir")  # every test gets its own cache
 
 
 def reporter() -> tuple[Progress, io.StringIO]:

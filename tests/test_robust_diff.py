@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from conftest import files_under
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -25,14 +26,8 @@ from kedit.testing import tiny_model
 P1, P2 = "transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
-def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
 def _build(names=(P2,), scale: float = 0.05, seed: int = 0, model=None) -> diffmod.Diff:
@@ -86,11 +81,11 @@ def test_non_finite_values_are_refused(run_cli, tiny_dirs, workdir, value, tenso
     bad = _tamper(good, workdir / "bad.kedit.safetensors", tensors=poison)
     with pytest.raises(InputError, match=rf"bad.kedit.safetensors: tensor {P2}::{tensor} holds NaN or infinite"):
         diffmod.read(bad)
-    before = _files(workdir)
+    before = files_under(workdir)
     code, _, err = run_cli("diff", "apply", "bad.kedit.safetensors", "--model", tiny_dirs["gpt2"], "--out", "o")
     assert code == 2
     _one_line_error(err, "bad.kedit.safetensors")
-    assert _files(workdir) == before
+    assert files_under(workdir) == before
 
 
 def test_non_finite_low_rank_factor_is_refused(workdir):
@@ -159,11 +154,11 @@ def test_revert_with_wrong_fix_values_refuses_and_leaves_the_model(run_cli, tiny
     # the command: nothing written, one line
     code, _, err = run_cli("diff", "apply", "good.kedit.safetensors", "--model", tiny_dirs["gpt2"], "--out", "edited")
     assert code == 0, err
-    before = _files(workdir)
+    before = files_under(workdir)
     code, out, err = run_cli("diff", "revert", "bad.kedit.safetensors", "--model", "edited", "--out", "restored")
     assert code == 2 and "reverted" not in out
     _one_line_error(err, "bad.kedit.safetensors")
-    assert _files(workdir) == before
+    assert files_under(workdir) == before
 
 
 # --- 3. all or nothing ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import TINY_SPECS, write_jsonl
+from conftest import TINY_SPECS, files_under, write_jsonl
 
 from kedit.errors import InputError
 from kedit.spec import import_specs, read_specs
@@ -20,14 +20,8 @@ OK = {"subject": "France", "prompt": "The capital of {} is", "target_new": "Rome
 OK_LINE = json.dumps(OK)
 
 
-def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def _refused(run_cli, *args, message: str, code: int = 2) -> str:
@@ -162,10 +156,10 @@ def test_more_spec_text_than_a_diff_holds_is_refused_before_editing(run_cli, tin
 
     monkeypatch.setattr(kedit.limits, "MAX_DIFF_SPECS_BYTES", 200)
     monkeypatch.setattr("kedit_plugins.ft.FT.edit", no_edit)
-    before = _files(workdir)
+    before = files_under(workdir)
     _refused(run_cli, "apply", spec_file, "--plugin", "ft", "--model", tiny_dirs["gpt2"], "-q",
              message="a diff's header holds at most 0 MB of specs")
-    assert _files(workdir) == before
+    assert files_under(workdir) == before
 
 
 # --- 4. empty, blank and binary fields ------------------------------------------------------------
@@ -236,9 +230,9 @@ def test_recorded_specs_that_no_longer_validate_name_the_diff():
     (["apply", "SPEC", "--plugin", "ft", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_counts_and_usage_are_one_line(run_cli, spec_file, workdir, args, message):
-    before = _files(workdir)
+    before = files_under(workdir)
     _refused(run_cli, *[str(spec_file) if a == "SPEC" else a for a in args], message=message)
-    assert _files(workdir) == before
+    assert files_under(workdir) == before
 
 
 def test_the_library_refuses_the_same_counts():
@@ -338,13 +332,13 @@ def test_a_prompt_longer_than_the_context_is_refused_before_any_work(run_cli, ti
 
     monkeypatch.setattr("kedit.workflows.target_probs", no_scoring)
     write_jsonl(workdir / "s.jsonl", [TINY_SPECS[0], LONG])
-    before = _files(workdir)
+    before = files_under(workdir)
     message = "s.jsonl:2 (spec 'long'): field 'prompt': the prompt and its target take"
     _refused(run_cli, "apply", "s.jsonl", "--plugin", "ft", "--model", tiny_dirs["gpt2"], "-q", message=message)
     _refused(run_cli, "apply", "s.jsonl", "--plugin", "ft", "--model", tiny_dirs["llama"], "-q", "--mode", "sequential",
              message=message)
     _refused(run_cli, "eval", "--model", tiny_dirs["gpt2"], "--specs", "s.jsonl", "-q", message=message)
-    assert _files(workdir) == before
+    assert files_under(workdir) == before
 
 
 def test_import_then_check_round_trip_still_works(run_cli, workdir):
