@@ -329,3 +329,19 @@ def test_lock_is_released_when_the_holder_dies(tmp_path):
     with exclusive(tmp_path / "c", "the chain", folder=True):
         pass
     assert time.monotonic() - t0 < 5
+
+
+def test_a_killed_model_conversion_is_swept_by_the_next_load(tmp_path, monkeypatch):
+    from kedit.atomic import TMP_SUFFIX
+    from kedit.errors import InputError
+    from kedit.models import load
+
+    monkeypatch.setenv("KEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    orphan = tmp_path / "cache" / "models" / f".SmolLM2-abc-v1.x1{TMP_SUFFIX}"
+    orphan.mkdir(parents=True)
+    (orphan / "model.safetensors").write_bytes(b"\0" * 4096)
+    garbage = tmp_path / "m.gguf"
+    garbage.write_bytes(b"GGUF" + b"\1" * 100)
+    with pytest.raises(InputError):  # any load of a GGUF model sweeps the cache folder first
+        load(str(garbage))
+    assert not orphan.exists()
