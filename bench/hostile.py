@@ -209,29 +209,9 @@ def _(ctx: Ctx) -> Outcome:
 
 def _reseal(src: Path, dst: Path, edit_tensors: Callable[[dict], None] | None = None,
             edit_manifest: Callable[[dict], None] | None = None, reseal: bool = True) -> Path:
-    """Copy a diff with its tensors or manifest changed and (by default) its id recomputed, as
-    someone crafting a diff would: only kedit's deeper checks can catch it."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    from kedit.testing import tamper_diff
 
-    from kedit.hashing import dtype_name, tensor_sha256
-    from kedit.manifest import content_id
-
-    with safe_open(str(src), "pt") as fh:
-        meta = dict(fh.metadata())
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    manifest = json.loads(meta["kedit.manifest"])
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_manifest:
-        edit_manifest(manifest)
-    if reseal:
-        manifest["id"] = content_id(manifest, {n: (dtype_name(t.dtype), list(t.shape), tensor_sha256(t))
-                                               for n, t in tensors.items()})
-    meta["kedit.manifest"] = json.dumps(manifest)
-    meta["kedit.id"] = str(manifest.get("id"))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst), metadata=meta)
-    return dst
+    return tamper_diff(src, dst, edit_tensors, edit_manifest, reseal)
 
 
 def _first(tensors: dict, suffix: str) -> str:

@@ -6,7 +6,7 @@ corpus, and the models are built from configs with seeded random weights.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -157,3 +157,32 @@ def check_continue(editor: str, model_dir: str | Path, work: str | Path, options
     assert [s["specs"] for s in split.steps] == [s["specs"] for s in whole.steps] == [["c0", "c1"], ["c2", "c3"]]
     assert _same(final(whole), final(split)), f"{editor}: --continue gave other weights than one run"
     assert _same(whole.state(), split.state()), f"{editor}: --continue gave another carried state than one run"
+
+
+def tamper_diff(src: str | Path, dst: str | Path, tensors: Callable[[dict], None] | None = None,
+                manifest: Callable[[dict], None] | None = None, reseal: bool = True) -> Path:
+    """Copy a diff file with its tensors and/or manifest changed in place by the callbacks and
+    (with ``reseal``) its id recomputed, as someone crafting a diff would: the file is intact as
+    far as the id can tell, so only kedit's deeper checks can refuse it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .hashing import dtype_name, tensor_sha256
+    from .manifest import content_id
+
+    with safe_open(str(src), "pt") as fh:
+        meta = dict(fh.metadata())
+        ts = {k: fh.get_tensor(k) for k in fh.keys()}
+    man = json.loads(meta["kedit.manifest"])
+    if tensors:
+        tensors(ts)
+    if manifest:
+        manifest(man)
+    if reseal:
+        man["id"] = content_id(man, {n: (dtype_name(t.dtype), list(t.shape), tensor_sha256(t)) for n, t in ts.items()})
+    meta["kedit.manifest"] = json.dumps(man)
+    meta["kedit.id"] = str(man.get("id"))
+    save_file({k: t.contiguous() for k, t in ts.items()}, str(dst), metadata=meta)
+    return Path(dst)

@@ -20,8 +20,7 @@ from safetensors.torch import save_file
 from kedit import diff as diffmod
 from kedit import manifest as M
 from kedit.errors import InputError
-from kedit.hashing import dtype_name, tensor_sha256
-from kedit.testing import tiny_model
+from kedit.testing import tamper_diff, tiny_model
 
 P1, P2 = "transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"
 
@@ -43,25 +42,6 @@ def _write(path: Path, **kw: Any) -> Path:
     return diffmod.write(_build(**kw), path)
 
 
-def _tamper(src: Path, dst: Path, tensors: Callable[[dict], None] | None = None,
-            manifest: Callable[[dict], None] | None = None, reseal: bool = True) -> Path:
-    """Copy a diff file, changing its tensors and/or manifest, with the id recomputed by
-    ``kedit.manifest.content_id`` so that the file is intact as far as the id can tell."""
-    with safe_open(str(src), "pt") as f:
-        meta = dict(f.metadata())
-        ts = {k: f.get_tensor(k) for k in f.keys()}
-    man = json.loads(meta["kedit.manifest"])
-    if tensors:
-        tensors(ts)
-    if manifest:
-        manifest(man)
-    if reseal:
-        man["id"] = M.content_id(man, {n: (dtype_name(t.dtype), list(t.shape), tensor_sha256(t)) for n, t in ts.items()})
-    meta["kedit.manifest"] = json.dumps(man)
-    save_file({k: t.contiguous() for k, t in ts.items()}, str(dst), metadata=meta)
-    return dst
-
-
 def _one_line_error(err: str, path: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"kedit: error: {path}"), err
@@ -78,7 +58,7 @@ def test_non_finite_values_are_refused(run_cli, tiny_dirs, workdir, value, tenso
     def poison(ts):
         ts[f"{P2}::{tensor}"].view(-1)[0] = value
 
-    bad = _tamper(good, workdir / "bad.kedit.safetensors", tensors=poison)
+    bad = tamper_diff(good, workdir / "bad.kedit.safetensors", tensors=poison)
     with pytest.raises(InputError, match=rf"bad.kedit.safetensors: tensor {P2}::{tensor} holds NaN or infinite"):
         diffmod.read(bad)
     before = files_under(workdir)
@@ -98,7 +78,7 @@ def test_non_finite_low_rank_factor_is_refused(workdir):
         ts[f"{P2}::u"][3, 0] = float("inf")
 
     with pytest.raises(InputError, match=rf"tensor {P2}::u holds NaN or infinite"):
-        diffmod.read(_tamper(good, workdir / "bad.kedit.safetensors", tensors=poison))
+        diffmod.read(tamper_diff(good, workdir / "bad.kedit.safetensors", tensors=poison))
 
 
 # --- 2. a corrupt fix list: revert must give back the base or refuse ------------------------
@@ -116,13 +96,13 @@ def test_fix_indices_out_of_range_are_refused(workdir):
         ts[f"{P2}::fix_idx"][0] = 10**6
 
     with pytest.raises(InputError, match=rf"{P2}::fix_idx has indices outside the tensor's 4096 elements"):
-        diffmod.read(_tamper(good, workdir / "bad.kedit.safetensors", tensors=out_of_range))
+        diffmod.read(tamper_diff(good, workdir / "bad.kedit.safetensors", tensors=out_of_range))
 
     def negative(ts):
         ts[f"{P2}::fix_idx"][0] = -1
 
     with pytest.raises(InputError, match="fix_idx has indices outside"):
-        diffmod.read(_tamper(good, workdir / "neg.kedit.safetensors", tensors=negative))
+        diffmod.read(tamper_diff(good, workdir / "neg.kedit.safetensors", tensors=negative))
 
 
 def test_fix_list_of_unequal_lengths_is_refused(run_cli, workdir):
@@ -131,7 +111,7 @@ def test_fix_list_of_unequal_lengths_is_refused(run_cli, workdir):
     def shorter(ts):
         ts[f"{P2}::fix_val"] = ts[f"{P2}::fix_val"][:-1].clone()
 
-    _tamper(good, workdir / "bad.kedit.safetensors", tensors=shorter)
+    tamper_diff(good, workdir / "bad.kedit.safetensors", tensors=shorter)
     code, _, err = run_cli("diff", "show", "bad.kedit.safetensors")
     assert code == 2 and "fix_idx/fix_val' have lengths" in err
     _one_line_error(err, "bad.kedit.safetensors")
@@ -145,7 +125,7 @@ def test_revert_with_wrong_fix_values_refuses_and_leaves_the_model(run_cli, tiny
     def wrong_value(ts):
         ts[f"{P2}::fix_val"][0] += 1.0  # in range, right length: only the base hash can tell
 
-    bad = diffmod.read(_tamper(good, workdir / "bad.kedit.safetensors", tensors=wrong_value))
+    bad = diffmod.read(tamper_diff(good, workdir / "bad.kedit.safetensors", tensors=wrong_value))
     model = _applied_model(d)
     post = model.get_parameter(P2).detach().clone()
     with pytest.raises(InputError, match="reverting it does not give back its recorded base tensor"):
@@ -170,7 +150,7 @@ def test_apply_is_all_or_nothing(workdir):
     def nudge_last(ts):  # the second tensor applied: the first would already be changed
         ts[f"{P2}::delta"][0, 0] += 0.5
 
-    bad = diffmod.read(_tamper(good, workdir / "bad.kedit.safetensors", tensors=nudge_last))
+    bad = diffmod.read(tamper_diff(good, workdir / "bad.kedit.safetensors", tensors=nudge_last))
     model = tiny_model("gpt2")
     w1, w2 = (model.get_parameter(n).detach().clone() for n in (P1, P2))
     with pytest.raises(InputError, match=f"{P2}: applying it gives another result than the one it records"):
@@ -186,7 +166,7 @@ def test_revert_is_all_or_nothing(workdir):
     def wrong_last(ts):
         ts[f"{P2}::fix_val"][0] += 1.0
 
-    bad = diffmod.read(_tamper(good, workdir / "bad.kedit.safetensors", tensors=wrong_last))
+    bad = diffmod.read(tamper_diff(good, workdir / "bad.kedit.safetensors", tensors=wrong_last))
     model = _applied_model(d)
     posts = [model.get_parameter(n).detach().clone() for n in (P1, P2)]
     with pytest.raises(InputError, match="the model is unchanged"):
@@ -240,7 +220,7 @@ MALFORMED = [
 @pytest.mark.parametrize("change,message", MALFORMED, ids=[m for _, m in MALFORMED])
 def test_malformed_manifests_are_refused_in_one_line(run_cli, workdir, change, message):
     good = _write(workdir / "good.kedit.safetensors")
-    bad = _tamper(good, workdir / "bad.kedit.safetensors", manifest=change)
+    bad = tamper_diff(good, workdir / "bad.kedit.safetensors", manifest=change)
     with pytest.raises(InputError, match="malformed diff manifest") as exc:
         M.read_manifest(bad)
     assert message in str(exc.value)
@@ -258,7 +238,7 @@ def test_unexplained_tensor_is_refused(workdir):
         ts["smuggled"] = torch.zeros(3)
 
     with pytest.raises(InputError, match="tensor 'smuggled' is in the file but not described by entries"):
-        diffmod.read(_tamper(good, workdir / "bad.kedit.safetensors", tensors=extra))
+        diffmod.read(tamper_diff(good, workdir / "bad.kedit.safetensors", tensors=extra))
 
 
 # --- 5. header size -------------------------------------------------------------------------
@@ -427,7 +407,7 @@ def test_a_changed_delta_with_a_recomputed_id_breaks_the_signature(workdir, keys
     def nudge(ts):
         ts[f"{P2}::delta"][0, 0] += 1.0
 
-    bad = _tamper(path, workdir / "bad.kedit.safetensors", tensors=nudge)
+    bad = tamper_diff(path, workdir / "bad.kedit.safetensors", tensors=nudge)
     assert M.SIGNATURES in safe_open(str(bad), "pt").metadata()
     with pytest.raises(InputError, match="signature 1 \\(alice, ed25519:[0-9a-f]{32}\\) is bad"):
         diffmod.read(bad)
