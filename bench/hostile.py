@@ -370,27 +370,25 @@ def _(ctx: Ctx) -> Outcome:
 
 # --- signatures -----------------------------------------------------------------------------------
 
-def _signed(ctx: Ctx, name: str) -> tuple[Path, Path] | Outcome:
+def _signed(ctx: Ctx, name: str) -> tuple[Path, Path]:
+    """A copy of the good diff signed with ``name``'s key (made once); a failure is a probe error."""
     key = ctx.work / "cases" / f"{name}.pem"
     key.parent.mkdir(parents=True, exist_ok=True)
     if not key.exists():
         proc = ctx.kedit("diff", "keygen", key, "--name", name)
         if proc.returncode != 0:
-            return Outcome(False, f"keygen failed: {proc.stderr[-200:]}")
+            raise RuntimeError(f"keygen failed: {proc.stderr[-200:]}")
     d = ctx.work / "cases" / f"signed-{name}.kedit.safetensors"
     shutil.copy(ctx.good, d)
     proc = ctx.kedit("diff", "sign", d, "--key", key)
     if proc.returncode != 0:
-        return Outcome(False, f"sign failed: {proc.stderr[-200:]}")
+        raise RuntimeError(f"sign failed: {proc.stderr[-200:]}")
     return d, key
 
 
 @case("signatures", "verify reports the signer")
 def _(ctx: Ctx) -> Outcome:
-    got = _signed(ctx, "alice")
-    if isinstance(got, Outcome):
-        return got
-    d, key = got
+    d, key = _signed(ctx, "alice")
     proc = ctx.kedit("diff", "verify", d, "--model", ctx.llama, "-q")
     res = ok(proc, "alice")
     if res.handled and key.read_text()[40:80] in d.read_bytes().decode("latin-1"):
@@ -400,13 +398,10 @@ def _(ctx: Ctx) -> Outcome:
 
 @case("signatures", "tampered signature")
 def _(ctx: Ctx) -> Outcome:
-    got = _signed(ctx, "bob")
-    if isinstance(got, Outcome):
-        return got
+    d, _ = _signed(ctx, "bob")
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    d, _ = got
     with safe_open(str(d), "pt") as fh:
         meta = dict(fh.metadata())
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
@@ -421,10 +416,8 @@ def _(ctx: Ctx) -> Outcome:
 
 @case("signatures", "unsigned diff with --require-signature")
 def _(ctx: Ctx) -> Outcome:
-    got = _signed(ctx, "carol")  # carol's key is trusted; the diff below is not signed by anyone
-    if isinstance(got, Outcome):
-        return got
-    pub = got[1].with_name(got[1].name + ".pub")
+    _, key = _signed(ctx, "carol")  # carol's key is trusted; the diff below is not signed by anyone
+    pub = key.with_name(key.name + ".pub")
     proc = ctx.kedit("diff", "verify", ctx.good, "--model", ctx.llama, "--require-signature", "--trusted-keys", pub,
                      "-q")
     return refused(proc, proc.returncode if proc.returncode in (1, 2) else 2)
@@ -432,16 +425,14 @@ def _(ctx: Ctx) -> Outcome:
 
 @case("signatures", "signed by an untrusted key with --trusted-keys")
 def _(ctx: Ctx) -> Outcome:
-    got = _signed(ctx, "mallory")
-    if isinstance(got, Outcome):
-        return got
+    signed, _ = _signed(ctx, "mallory")
     other = ctx.work / "cases" / "trusted.pem"
     proc = ctx.kedit("diff", "keygen", other, "--name", "trusted")
     if proc.returncode != 0:
         return Outcome(False, f"keygen failed: {proc.stderr[-200:]}")
     pubs = sorted((ctx.work / "cases").glob("trusted*.pub*"))
     trusted = pubs[0] if pubs else other
-    proc = ctx.kedit("diff", "verify", got[0], "--model", ctx.llama, "--require-signature", "--trusted-keys", trusted, "-q")
+    proc = ctx.kedit("diff", "verify", signed, "--model", ctx.llama, "--require-signature", "--trusted-keys", trusted, "-q")
     return refused(proc, proc.returncode if proc.returncode in (1, 2) else 2)
 
 

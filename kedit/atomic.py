@@ -25,6 +25,7 @@ from .errors import KeditError
 
 TMP_SUFFIX = ".kedit-tmp"
 _FAULTS: dict[str, int] = {}
+_SWEPT: set[str] = set()  # folders this process has swept: a long chain writes thousands of files
 
 
 def fault_point(kind: str, name: str = "") -> None:
@@ -63,12 +64,17 @@ def _hold(path: Path) -> int:
     return fd
 
 
-def sweep(folder: str | os.PathLike) -> list[Path]:
-    """Remove the kedit temporaries in ``folder`` whose writer is gone; returns them."""
+def sweep(folder: str | os.PathLike, again: bool = False) -> list[Path]:
+    """Remove the kedit temporaries in ``folder`` whose writer is gone; returns them. Once per
+    folder and process (unless ``again``): orphans come from runs that ended before this one."""
     from .locking import is_locked
 
     folder = Path(folder)
-    removed = []
+    removed: list[Path] = []
+    key = str(folder.resolve())
+    if key in _SWEPT and not again:
+        return removed
+    _SWEPT.add(key)
     try:
         entries = [p for p in folder.iterdir() if p.name.endswith(TMP_SUFFIX)]
     except OSError:
@@ -122,7 +128,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``target`` that becomes ``target`` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    sweep(target.parent)
+    sweep(target.parent, again=True)  # folders are written rarely and their orphans are large
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
     lock = _hold(tmp)
     try:

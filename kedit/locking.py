@@ -20,6 +20,7 @@ from typing import Iterator
 from .errors import InputError
 
 LOCK_NAME = ".kedit.lock"  # inside a locked folder (a chain)
+_HELD: set[str] = set()  # lock files this process holds (exclusive() is re-entrant)
 
 
 def lock_file_for(target: Path, folder: bool = False) -> Path:
@@ -39,13 +40,20 @@ def _holder(fd: int) -> str:
             f" ({info.get('command', '?')})")
 
 
+def _flock(fd: int) -> bool:
+    """Take the exclusive lock on ``fd`` if nobody holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def _try_lock(file: Path) -> tuple[int | None, str]:
     """(fd holding the lock on ``file``, "") or (None, who holds it)."""
     while True:
         fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(fd):
             holder = _holder(fd)
             os.close(fd)
             return None, holder
@@ -92,8 +100,6 @@ def exclusive(target: str | os.PathLike, what: str, folder: bool = False) -> Ite
         os.close(fd)
 
 
-_HELD: set[str] = set()
-
 
 def is_locked(path: Path) -> bool:
     """Whether some live process holds an flock on ``path`` (a file or a folder)."""
@@ -102,9 +108,6 @@ def is_locked(path: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        return not _flock(fd)
     finally:
         os.close(fd)
-    return False

@@ -19,9 +19,18 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def check_output(out: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (), overwrite: bool = False,
-                 flag: str = "--out") -> Path:
-    """Refuse ``out`` if it is one of ``inputs`` (always) or exists (unless ``overwrite``)."""
+                 flag: str = "--out", folder: bool = False) -> Path:
+    """Refuse ``out`` if it is one of ``inputs`` (always) or exists (unless ``overwrite``); a
+    ``folder`` output also if it, or a folder above it, is a file."""
     out = Path(out)
+    if folder:
+        for parent in out.parents:
+            if parent.exists() and not parent.is_dir():
+                raise InputError(f"{flag} {out}: {parent} is a file, not a folder")
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{flag} {out}: exists and is a file; {flag} names the folder to write")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise InputError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
     for p in inputs:
         if p is not None and (_same(out, Path(p)) or out.resolve() == Path(p).resolve()):
             raise InputError(f"{flag} {out}: is also an input of this command ({p}); write the result elsewhere")
@@ -34,8 +43,10 @@ def check_output(out: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] 
 
 @contextlib.contextmanager
 def claimed(out: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (), overwrite: bool = False,
-            flag: str = "--out") -> Iterator[Path]:
+            flag: str = "--out", folder: bool = False) -> Iterator[Path]:
     """Hold ``out`` for the block (see :func:`check_output`), so a second writer stops at once."""
     out = Path(out)
+    if folder:  # a path under a file cannot hold a lock file beside it: refuse it first
+        check_output(out, overwrite=overwrite, flag=flag, folder=True)
     with exclusive(out, f"the output {out.name}"):
-        yield check_output(out, inputs=inputs, overwrite=overwrite, flag=flag)
+        yield check_output(out, inputs=inputs, overwrite=overwrite, flag=flag, folder=folder)

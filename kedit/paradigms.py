@@ -164,8 +164,8 @@ def check_new_chain(path: Path) -> None:
 
 def new_chain(path: Path, plan: EditPlan, reg_texts: Sequence[str], batch_size: int, config: RunConfig,
               source: Any, spec_file: str) -> Chain:
-    """Create the chain folder's record with no steps (the caller holds its lock)."""
-    check_new_chain(path)
+    """Create the chain folder's record with no steps (the caller holds its lock and has
+    checked the folder with :func:`check_new_chain`)."""
     stats = {**config.stats.to_json(), "corpus": config.stats.corpus or "builtin"}
     record = {"schema": CHAIN_SCHEMA, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "mode": "sequential", "editor": plan.editor.name, "options": plan.options.model_dump(mode="json"),

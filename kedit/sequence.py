@@ -13,6 +13,8 @@ recompute them after every batch).
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -111,12 +113,6 @@ def drift(model: torch.nn.Module, base: SequenceBase, names: list[str]) -> dict[
 
 # --- the chain folder ---------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    from .cache import file_sha256
-
-    return file_sha256(path)
-
-
 @dataclass
 class Chain:
     """A chain folder: ``chain.json`` plus the files it lists.
@@ -191,11 +187,12 @@ class Chain:
         return sorted(removed)
 
     def verify(self) -> None:
-        """Check every file the record names against it (diffs by their ids, state and data by
-        their hashes): a writer continues only a chain whose committed files are intact."""
-        self.diffs()
-        self.state()
-        self.step_data()
+        """Check the step data files against their recorded hashes: diffs (by id) and the state
+        (by hash) check themselves when a writer loads them, data only when an edit is removed,
+        so this is what lets a writer continue only a chain whose committed files are intact."""
+        for s in self.steps:
+            if s.get("data"):
+                self._bytes(s["data"], s.get("data_sha256"), f"data of step {s.get('step')}")
 
     def diffs(self) -> list[diffmod.Diff]:
         diffs = [diffmod.read(self.path / s["diff"]) for s in self.steps]
@@ -213,20 +210,26 @@ class Chain:
             ids = [i for i in ids if i not in removed]
         return ids
 
-    def _load(self, name: str, sha256: str | None, what: str) -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+    def _bytes(self, name: str, sha256: str | None, what: str) -> bytes:
+        """A committed file's bytes, checked against the hash chain.json recorded for it."""
         file = self.path / name
         if not file.is_file():
             raise InputError(f"{file}: missing; {CHAIN_FILE} lists it as the {what}")
-        if sha256 is not None and _sha256(file) != sha256:
+        data = file.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
             raise InputError(f"{file}: its content does not match the hash {CHAIN_FILE} recorded for the {what}; "
                              "the file was changed or damaged after the step was committed")
+        return data
+
+    def _load(self, name: str, sha256: str | None, what: str) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        data = self._bytes(name, sha256, what)
         try:
-            return load_file(str(file))
+            return load(data)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"{file}: unreadable {what} ({exc})") from None
+            raise InputError(f"{self.path / name}: unreadable {what} ({exc})") from None
 
     def state(self) -> dict[str, torch.Tensor]:
         """The editor state after the last committed step, checked against its recorded hash."""
@@ -255,24 +258,18 @@ class Chain:
     def add_step(self, diff: diffmod.Diff, info: dict[str, Any], state: dict[str, torch.Tensor] | None,
                  data: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         """Commit one step: its files under new names, then chain.json, then drop the old state."""
-        from safetensors.torch import save_file
-
         n = len(self.steps) + 1
         step = {"step": n, "diff": f"step-{n:04d}{diffmod.SUFFIX}", "id": diff.id, **info}
         diffmod.write(diff, self.path / step["diff"], kind="chain")
         if data:
             step["data"] = f"step-{n:04d}.data.safetensors"
-            with atomic_path(self.path / step["data"], "chain") as tmp:
-                save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
-            step["data_sha256"] = _sha256(self.path / step["data"])
+            step["data_sha256"] = self._write_tensors(step["data"], data)
         old = self.files()
-        record = json.loads(json.dumps(self.record))
+        record = copy.deepcopy(self.record)
         if state:
             name = f"state-{n:04d}.safetensors"
-            with atomic_path(self.path / name, "chain") as tmp:
-                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-                          metadata={"steps": str(n), "last": diff.id})
-            record["state"] = {"file": name, "sha256": _sha256(self.path / name), "step": n}
+            sha = self._write_tensors(name, state, {"steps": str(n), "last": diff.id})
+            record["state"] = {"file": name, "sha256": sha, "step": n}
         record["schema"] = CHAIN_SCHEMA
         record.setdefault("steps", []).append(step)
         self._commit(record)
@@ -280,6 +277,15 @@ class Chain:
             (self.path / name).unlink(missing_ok=True)
         fault_point("chain", "previous state removed")
         return step
+
+    def _write_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+        """Write a safetensors file of the chain atomically; returns the sha256 of its bytes."""
+        from safetensors.torch import save
+
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+        with atomic_path(self.path / name, "chain") as tmp:
+            tmp.write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
 
     def _commit(self, record: dict[str, Any]) -> None:
         atomic_write_text(self.path / CHAIN_FILE, json.dumps(record, indent=1, ensure_ascii=False) + "\n", "chain")

@@ -314,17 +314,6 @@ def verify(paths: Sequence[str], model: str | None = None, trust: "Trust | None"
     return out
 
 
-def check_out_folder(out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` that cannot become the result folder, before any work is done."""
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise InputError(f"--out {out}: {parent} is a file, not a folder")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is a file; --out names the folder to write")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-
-
 def _save_folder(lm, tok, out: Path, extra: dict[str, str] | None = None) -> None:
     with atomic_dir(out) as tmp:
         lm.save_pretrained(tmp)
@@ -336,8 +325,7 @@ def _save_folder(lm, tok, out: Path, extra: dict[str, str] | None = None) -> Non
 def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
                     overwrite: bool = False, card: bool = False, trust: "Trust | None" = None) -> list[str]:
     """Apply a chain to a model and save the result as a ``from_pretrained`` folder."""
-    check_out_folder(Path(out), overwrite)
-    with claimed(out, inputs=paths, overwrite=overwrite):
+    with claimed(out, inputs=paths, overwrite=overwrite, folder=True):
         diffs = load_chain(paths, trust)
         lm, tok, source = load(model)
         statuses = [diffmod.apply(lm, d) for d in diffs]
@@ -352,8 +340,7 @@ def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | N
 def revert_in_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
                      overwrite: bool = False, trust: "Trust | None" = None) -> list[str]:
     """Revert a chain (last diff first) and save the result."""
-    check_out_folder(Path(out), overwrite)
-    with claimed(out, inputs=paths, overwrite=overwrite):
+    with claimed(out, inputs=paths, overwrite=overwrite, folder=True):
         diffs = load_chain(paths, trust)
         lm, tok, _ = load(model)
         statuses = [diffmod.revert(lm, d) for d in reversed(diffs)]
