@@ -120,6 +120,10 @@ class EditContext:
     # what a regularizer removed. The host then does not regularize the returned deltas again.
     regularize: Callable[[str, Any], Any] | None = None
     generator: "torch.Generator | None" = None
+    # What the editor found while editing that a reader of the diff should see (AlphaEdit's kept
+    # null-space dimensions, how hard the targets were optimised): JSON values, recorded in the
+    # manifest under ``report``.
+    report: dict[str, Any] = field(default_factory=dict)
 
     def at_base(self) -> Any:
         """A context manager in which the model holds the sequence base's weights (a no-op outside

@@ -202,4 +202,6 @@ def compute_diff(loaded: "LoadedModel", specs: list[EditSpec], plan: EditPlan, *
     }
     if removal is not None:
         record["removes"] = list(removal.spec_ids)
+    if context.report:
+        record["report"] = context.report
     return diffmod.build({n: params[n].detach().cpu() for n in out}, out, record)

@@ -4,12 +4,22 @@ of a sequence is solved as one batch over all of them, from the sequence's origi
 
     W_l = W0_l + S_RK_l (λ C0_l + S_KK_l)⁻¹
 
-Every edit's z, keys and residual are computed on the original model (as the reference code
-does by restoring W0 after each edit), so an edit's contribution to the sums depends on nothing
-but the edit: memory stays O(1) in the number of edits, and removing one edit is exact
-(subtract its terms and re-solve, :meth:`D4S.remove`). The residual is computed once and layer i
-gets 1/(n_layers − i) of it (the reference's allocation, ``spread="reference"``), or 1/n_layers
-(``spread="equal"``).
+As in the reference code (which restores W0 after every edit and writes W0 + ΔW into each layer
+as its loop moves up), every edit's z and residual are computed on the original model W0. Two
+choices are options:
+
+- ``keys``: ``base`` takes every layer's keys from W0 itself; ``reference`` takes layer i's keys
+  on W0 with the accumulated solution already written into the edited layers below i, as the
+  reference's layer loop does.
+- ``residual``: ``once`` computes R = Z − H_L once and gives layer i ``spread`` of it (the
+  reference: 1/(n_layers − i), 2.28× the residual in all for five layers); ``per_layer``
+  recomputes H_L with the layers below i already solved and gives layer i 1/(n_layers − i) of
+  what is left, as MEMIT does.
+
+With ``keys=base`` and ``residual=once`` an edit's terms depend on nothing but the edit, so
+memory stays O(1) in the number of edits and removing one edit is exact (subtract its terms and
+re-solve, :meth:`D4S.remove`); the other modes make an edit's terms depend on the edits before
+it, and removal is refused.
 """
 from __future__ import annotations
 
@@ -25,10 +35,17 @@ if TYPE_CHECKING:
 
 
 class D4SOptions(MemitOptions):
+    keys: Literal["base", "reference"] = Field(
+        "base", description="keys of layer i: base = on the original weights; reference = on the original weights "
+                            "plus the accumulated solution already written into the edited layers below i (the "
+                            "reference code's loop)")
+    residual: Literal["once", "per_layer"] = Field(
+        "once", description="once = R = Z − H_L on the original model, layer i taking `spread` of it (the "
+                            "reference); per_layer = recomputed with the layers below i solved, layer i taking "
+                            "1/(n_layers − i) of what is left (MEMIT's allocation)")
     spread: Literal["reference", "equal"] = Field(
-        "reference", description="share of the residual per layer: reference = 1/(n_layers − i) of the full "
-                                 "residual for the i-th layer (D4S's code; the shares add up to more than 1), "
-                                 "equal = 1/n_layers each")
+        "reference", description="with residual=once, the share of R per layer: reference = 1/(n_layers − i) for the "
+                                 "i-th layer (the shares add up to more than 1), equal = 1/n_layers each")
 
 
 class D4S(Memit):
@@ -38,34 +55,52 @@ class D4S(Memit):
     Options = D4SOptions
     regularizes_in_loop = False  # one closed-form solve per layer from the sums; nothing to regularize in between
 
+    @staticmethod
+    def exact_removal(options: Any) -> bool:
+        return options.keys == "base" and options.residual == "once"
+
     def edit(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: Any,
              context: EditContext) -> dict[str, Any]:
         from kedit_plugins.lte import capture
         from kedit_plugins.lte.prompts import fact_row
 
         arch = context.arch
-        layers = options.layers
-        last = layers[-1]
+        layers, last = options.layers, options.layers[-1]
         templates, vals = self.targets(model, tokenizer, specs, options, context, from_base=True)
-        with context.at_base():
-            key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
-            plain_rows = [fact_row(tokenizer, "{}", s, i, with_target=False) for i, s in enumerate(specs)]
-            acts = capture.at_lookup(model, tokenizer, arch, key_rows, key_layers=layers)
-            h = capture.at_lookup(model, tokenizer, arch, plain_rows, block_layers=[last])[("block", last)]
-        residual = (vals.z - h).T.double()  # (d, n), once for all layers
+        key_rows = self.key_rows(tokenizer, specs, templates, options)
+        plain_rows = [fact_row(tokenizer, "{}", s, i, with_target=False) for i, s in enumerate(specs)]
+        c0 = context.need_stats().second_moment(model, tokenizer, layers)
         state = context.state if context.state is not None else {}
         update: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(layers):
-            keys = capture.average_by_request(acts[("key", layer)], key_rows, len(specs)).T.double()  # (d_k, n)
-            share = 1.0 / (len(layers) - i) if options.spread == "reference" else 1.0 / len(layers)
-            r = residual * share
-            rk, kk = state.get(f"d4s.rk.{layer}"), state.get(f"d4s.kk.{layer}")
-            update[f"d4s.rk.{layer}"] = r @ keys.T + (rk if rk is not None else 0)
-            update[f"d4s.kk.{layer}"] = keys @ keys.T + (kk if kk is not None else 0)
-            if context.step_data is not None:
-                context.step_data[f"d4s.k.{layer}"] = keys.cpu()
-                context.step_data[f"d4s.r.{layer}"] = r.cpu()
-        deltas = self._solve_all(model, tokenizer, layers, update, options, context)
+        deltas: dict[str, Any] = {}
+        solved: dict[str, torch.Tensor] = {}  # W0 + the new solution, for the layers done (keys=reference)
+        with context.at_base():
+            if options.keys == "base":
+                acts = capture.at_lookup(model, tokenizer, arch, key_rows, key_layers=layers)
+            if options.residual == "once":
+                h = capture.at_lookup(model, tokenizer, arch, plain_rows, block_layers=[last])[("block", last)]
+                residual = (vals.z - h).T.double()  # (d, n), once for all layers
+            for i, layer in enumerate(layers):
+                if options.keys == "reference":
+                    acts = capture.at_lookup(model, tokenizer, arch, key_rows, key_layers=[layer], overrides=solved)
+                keys = capture.average_by_request(acts[("key", layer)], key_rows, len(specs)).T.double()  # (d_k, n)
+                if options.residual == "once":
+                    share = 1.0 / (len(layers) - i) if options.spread == "reference" else 1.0 / len(layers)
+                    r = residual * share
+                else:
+                    h = capture.at_lookup(model, tokenizer, arch, plain_rows, block_layers=[last],
+                                          overrides=solved)[("block", last)]
+                    r = (vals.z - h).T.double() / (len(layers) - i)
+                rk, kk = state.get(f"d4s.rk.{layer}"), state.get(f"d4s.kk.{layer}")
+                update[f"d4s.rk.{layer}"] = r @ keys.T + (rk if rk is not None else 0)
+                update[f"d4s.kk.{layer}"] = keys @ keys.T + (kk if kk is not None else 0)
+                if context.step_data is not None and self.exact_removal(options):
+                    context.step_data[f"d4s.k.{layer}"] = keys.cpu()
+                    context.step_data[f"d4s.r.{layer}"] = r.cpu()
+                name, weight = self._solve(model, layer, update, c0[layer], options, context)
+                solved[name] = weight.to(model.get_parameter(name).dtype)
+                deltas[name] = weight
+        deltas = {name: self._against_live(model, name, weight) for name, weight in deltas.items()}  # live weights
         state.update(update)
         return deltas
 
@@ -74,6 +109,10 @@ class D4S(Memit):
                context: EditContext) -> dict[str, Any]:
         """Subtract the edits' terms from the sums and re-solve: the result is the sequence's as if
         they had never been made (to float64 rounding)."""
+        if not self.exact_removal(options):
+            raise InputError(f"d4s: exact removal of an edit needs keys=base and residual=once; this chain was made "
+                             f"with keys={options.keys}, residual={options.residual}, where an edit's terms depend on "
+                             "the edits before it, so subtracting them would not give the sequence without it")
         state = context.state
         if not state:
             raise InputError("d4s: no accumulated sums to remove an edit from (the chain holds no d4s state)")
@@ -93,30 +132,33 @@ class D4S(Memit):
                 update[f"d4s.kk.{layer}"] -= k @ k.T
         if found != wanted:
             raise InputError(f"d4s: no per-edit data for {sorted(wanted - found)} in the chain")
-        deltas = self._solve_all(model, tokenizer, options.layers, update, options, context)
+        c0 = context.need_stats().second_moment(model, tokenizer, options.layers)
+        deltas = {}
+        for layer in options.layers:
+            name, weight = self._solve(model, layer, update, c0[layer], options, context)
+            deltas[name] = self._against_live(model, name, weight)
         state.update(update)
         return deltas
 
-    def _solve_all(self, model: "torch.nn.Module", tokenizer: Any, layers: list[int], sums: dict[str, "torch.Tensor"],
-                   options: Any, context: EditContext) -> dict[str, "torch.Tensor"]:
-        """Per layer, W0 + S_RK (λ C0 + S_KK)⁻¹ as a delta against the live weight."""
-        import torch
-
+    @staticmethod
+    def _solve(model: "torch.nn.Module", layer: int, sums: dict[str, "torch.Tensor"], c0: "torch.Tensor",
+               options: Any, context: EditContext) -> tuple[str, "torch.Tensor"]:
+        """Layer ``layer``'s weight W0 + S_RK (λ C0 + S_KK)⁻¹ in its stored layout (float64)."""
         from kedit_plugins.lte.solve import spd_solve
 
-        arch = context.arch
-        c0 = context.need_stats().second_moment(model, tokenizer, layers)
-        deltas = {}
-        for layer in layers:
-            rk, kk = sums[f"d4s.rk.{layer}"], sums[f"d4s.kk.{layer}"]
-            moment = c0[layer].to(kk)
-            total = spd_solve(options.mom2_update_weight * moment + kk, rk.T).T  # (d_out, d_in): S_RK A⁻¹, A symmetric
-            name = arch.mlp_out_weight(layer)
-            w0 = context.base_weight(model, name).double()
-            live = model.get_parameter(name).detach().double()
-            stored = total.T if arch.transposed else total
-            deltas[name] = (w0 + stored.to(w0.device) - live).to(torch.float32)
-        return deltas
+        rk, kk = sums[f"d4s.rk.{layer}"], sums[f"d4s.kk.{layer}"]
+        total = spd_solve(options.mom2_update_weight * c0.to(kk) + kk, rk.T).T  # (d_out, d_in): S_RK A⁻¹, A symmetric
+        name = context.arch.mlp_out_weight(layer)
+        w0 = context.base_weight(model, name).double()
+        stored = total.T if context.arch.transposed else total
+        return name, w0 + stored.to(w0.device)
+
+    @staticmethod
+    def _against_live(model: "torch.nn.Module", name: str, weight: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        live = model.get_parameter(name).detach()
+        return (weight.double() - live.double()).to(torch.float32)
 
 
 @hookimpl

@@ -9,7 +9,7 @@ prepares for one call, passed along as a value).
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -28,8 +28,15 @@ class MemitOptions(ValueOptions, Options):
         None, gt=0, description="λ: weight of the preserved keys' statistics C0; default 2000 for rotary decoders "
                                 "(measured on SmolLM2, docs/locate-then-edit.md), 15000 otherwise (GPT-J's value)")
     clamp_norm_factor: float | None = Field(
-        None, gt=0, description="‖δ‖ ≤ clamp_norm_factor · ‖v_init‖; default 4 for rotary decoders (EasyEdit's "
-                                "Llama value), 0.75 otherwise")
+        None, gt=0, description="the norm cap: ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖; default 4 for rotary decoders "
+                                "(EasyEdit's Llama value), 0.75 otherwise")
+    key_average: Literal["grouped", "uniform"] = Field(
+        "grouped", description="how a request's key is averaged over the context templates: grouped = within each "
+                               "template group, then over groups, so the plain prompt weighs 1/2 (the reference "
+                               "code); uniform = one mean over all six templates")
+
+
+TEMPLATE_GROUPS = ((10, 5),)  # "{}" plus five 10-token samples, as in the MEMIT reference
 
 
 def family_defaults(options: Any, config) -> Any:
@@ -60,12 +67,10 @@ class Memit(Editor):
 
     def edit(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: Any,
              context: EditContext) -> dict[str, Any]:
-        from kedit_plugins.lte.prompts import fact_row
-
         layers = options.layers
         templates, vals = self.targets(model, tokenizer, specs, options, context)
         c0 = context.need_stats().second_moment(model, tokenizer, layers)
-        key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
+        key_rows = self.key_rows(tokenizer, specs, templates, options)
         overrides: dict[str, torch.Tensor] = {}
         call = self.begin(model, tokenizer, specs, layers, c0, options, context)
         deltas = self.spread(model, tokenizer, specs, templates, vals.z, layers, c0, options, context, overrides, call)
@@ -81,11 +86,19 @@ class Memit(Editor):
         from kedit_plugins.lte.prompts import context_templates
 
         with context.at_base():
-            templates = context_templates(model, tokenizer, [(10, 5)], seed=context.seed)
+            templates = context_templates(model, tokenizer, TEMPLATE_GROUPS, seed=context.seed)
         with context.at_base() if from_base else contextlib.nullcontext():
             vals = values.optimize(model, tokenizer, context.arch, specs, templates, "block", options.layers[-1],
                                    options, progress=context.progress)
+        context.report["targets"] = vals.report()
         return templates, vals
+
+    @staticmethod
+    def key_rows(tokenizer: Any, specs: list[EditSpec], templates: list[str], options: Any) -> list[Any]:
+        """Every spec in every context template, weighted as ``options.key_average`` says."""
+        from kedit_plugins.lte.prompts import key_rows, template_weights
+
+        return key_rows(tokenizer, specs, templates, template_weights(TEMPLATE_GROUPS, options.key_average))
 
     def spread(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], templates: list[str],
                z: "torch.Tensor", layers: list[int], c0: dict[int, "torch.Tensor"], options: Any,
@@ -98,7 +111,7 @@ class Memit(Editor):
         from kedit_plugins.lte.solve import stored_lowrank
 
         arch, last = context.arch, layers[-1]
-        key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
+        key_rows = self.key_rows(tokenizer, specs, templates, options)
         plain_rows = [fact_row(tokenizer, "{}", s, i, with_target=False) for i, s in enumerate(specs)]
         deltas: dict[str, Any] = {}
         for i, layer in enumerate(layers):

@@ -78,7 +78,7 @@ class NSE(Memit):
             deltas = {arch.mlp_out_weight(l): torch.zeros_like(model.get_parameter(arch.mlp_out_weight(l)))
                       for l in layers}
         if context.state is not None:
-            key_rows = [fact_row(tokenizer, t, s, i, with_target=False) for i, s in enumerate(specs) for t in templates]
+            key_rows = self.key_rows(tokenizer, specs, templates, options)
             acts = capture.at_lookup(model, tokenizer, arch, key_rows, key_layers=layers, overrides=overrides)
             for layer in layers:
                 k = capture.average_by_request(acts[("key", layer)], key_rows, len(specs)).T

@@ -84,8 +84,9 @@ def at_lookup(model: torch.nn.Module, tok: Any, arch: ArchSpec, rows: Sequence[R
 
 
 def average_by_request(values: torch.Tensor, rows: Sequence[Row], n: int) -> torch.Tensor:
-    """Mean over each request's rows: (rows, d) -> (n, d)."""
+    """Weighted mean (``Row.weight``) over each request's rows: (rows, d) -> (n, d)."""
     idx = torch.tensor([r.request for r in rows])
-    total = torch.zeros(n, values.shape[1], dtype=values.dtype).index_add_(0, idx, values)
-    counts = torch.bincount(idx, minlength=n).to(values.dtype).unsqueeze(1)
-    return total / counts
+    w = torch.tensor([r.weight for r in rows], dtype=values.dtype)
+    total = torch.zeros(n, values.shape[1], dtype=values.dtype).index_add_(0, idx, values * w.unsqueeze(1))
+    norm = torch.zeros(n, dtype=values.dtype).index_add_(0, idx, w).unsqueeze(1)
+    return total / norm

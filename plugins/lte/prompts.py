@@ -49,6 +49,35 @@ def context_templates(model: torch.nn.Module, tok: Any, groups: Sequence[tuple[i
     return list(_TEMPLATE_CACHE[key])
 
 
+def template_weights(groups: Sequence[tuple[int, int]], mode: str = "grouped") -> list[float]:
+    """Per template of :func:`context_templates` (``"{}"`` first, then each group's samples), its
+    weight in a request's averaged key.
+
+    ``grouped`` (the MEMIT reference): the mean within each group (``"{}"`` alone is a group),
+    then the mean over groups, so the plain prompt weighs 1/(groups + 1); ``uniform``: one mean
+    over all templates.
+    """
+    sizes = [1] + [count for _, count in groups]
+    if mode == "uniform":
+        return [1.0 / sum(sizes)] * sum(sizes)
+    if mode != "grouped":
+        raise ValueError(f"key averaging {mode!r}: expected grouped or uniform")
+    return [1.0 / (len(sizes) * size) for size in sizes for _ in range(size)]
+
+
+def key_rows(tok: Any, specs: Sequence[EditSpec], templates: Sequence[str], weights: Sequence[float]) -> list["Row"]:
+    """Every spec filled into every template (request-major), each row weighted for averaging."""
+    if len(weights) != len(templates):
+        raise ValueError(f"{len(weights)} template weights for {len(templates)} templates")
+    rows = []
+    for i, spec in enumerate(specs):
+        for t, w in zip(templates, weights):
+            row = fact_row(tok, t, spec, i, with_target=False)
+            row.weight = w
+            rows.append(row)
+    return rows
+
+
 def templates_sha256(templates: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(templates).encode()).hexdigest()
 
@@ -69,6 +98,7 @@ class Row:
     targets: list[int] = field(default_factory=list)  # token ids predicted...
     target_pos: list[int] = field(default_factory=list)  # ...from these positions
     head: str = ""  # the context template's text before the prompt: rows sharing it share leading tokens
+    weight: float = 1.0  # this row's weight when keys are averaged per request (:func:`key_rows`)
 
 
 def fact_row(tok: Any, template: str, spec: EditSpec, request: int, with_target: bool) -> Row:

@@ -48,14 +48,28 @@ def emmet_delta(residual: torch.Tensor, keys: torch.Tensor, c0: torch.Tensor, la
     return torch.linalg.solve(d, residual.T).T, ck.T  # R D⁻¹ (d_out, n), (C⁻¹K)ᵀ = Kᵀ C⁻¹ (n, d_k)
 
 
-def null_space_basis(c0: torch.Tensor, rel_threshold: float) -> torch.Tensor:
-    """Û: eigenvectors of C0 whose eigenvalue is below ``rel_threshold`` × the largest one.
+def null_space_basis(c0: torch.Tensor, threshold: float, rule: str = "relative") -> tuple[torch.Tensor, float]:
+    """Û, the eigenvectors of C0 spanning AlphaEdit's "null space", and the share of C0's variance
+    (trace) they hold.
 
-    AlphaEdit's reference code uses an absolute threshold (2e-2) on the normalised moment, which
-    keeps every direction or none depending on the statistics' scale; a relative one does not.
+    ``relative``: eigenvalues below ``threshold`` × the largest; ``absolute``: below ``threshold``
+    (the reference code's 2e-2 on the normalised moment, which keeps every direction or none
+    depending on the statistics' scale); ``energy``: the smallest eigenvalues that together hold at
+    most ``threshold`` of the trace, so the preserved keys' variance the update may touch is
+    bounded by construction.
     """
-    evals, evecs = torch.linalg.eigh((c0 + c0.T) / 2)
-    return evecs[:, evals < rel_threshold * evals.max()]
+    evals, evecs = torch.linalg.eigh((c0 + c0.T) / 2)  # ascending
+    evals = evals.clamp_min(0)
+    total = float(evals.sum()) or 1.0
+    if rule == "relative":
+        keep = evals < threshold * evals.max()
+    elif rule == "absolute":
+        keep = evals < threshold
+    elif rule == "energy":
+        keep = torch.cumsum(evals, 0) <= threshold * total
+    else:
+        raise ValueError(f"null-space rule {rule!r}: expected relative, absolute or energy")
+    return evecs[:, keep], float(evals[keep].sum()) / total
 
 
 def alphaedit_delta(residual: torch.Tensor, keys: torch.Tensor, basis: torch.Tensor, prior: torch.Tensor | None,

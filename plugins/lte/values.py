@@ -29,6 +29,15 @@ class Values:
     v_init: torch.Tensor  # (n, d) float64
     steps: list[int]  # steps each request ran
     nll: list[float]  # final NLL of the new target, per request
+    stopped: list[str]  # why each request stopped: "loss", "most-probable" or "steps"
+
+    def report(self) -> dict:
+        """What a diff's manifest records about the targets: how hard they were optimised."""
+        ratio = ((self.z - self.v_init).norm(dim=1) / self.v_init.norm(dim=1).clamp_min(1e-12)).tolist()
+        return {"requests": len(self.steps), "steps_mean": sum(self.steps) / max(len(self.steps), 1),
+                "steps_max": max(self.steps, default=0),
+                "delta_ratio_mean": sum(ratio) / max(len(ratio), 1), "delta_ratio_max": max(ratio, default=0.0),
+                "stopped": {k: self.stopped.count(k) for k in sorted(set(self.stopped))}}
 
 
 def _site_module(model: torch.nn.Module, arch: ArchSpec, site: str, layer: int) -> torch.nn.Module:
@@ -95,6 +104,7 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
     opt = torch.optim.Adam([delta], lr=opts.v_lr)
     active = torch.ones(n, dtype=torch.bool, device=device)
     steps = [0] * n
+    stopped = ["steps"] * n
     init_kl: torch.Tensor | None = None
     nll_req = torch.zeros(n, device=device)
     for step in progress(range(opts.v_steps), desc=f"v* layer {layer}", unit="step"):
@@ -113,7 +123,17 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
         nll_req[act] = nll.detach()[act]
         for i in act.tolist():
             steps[i] = step + 1
-        active &= ~(loss.detach() < opts.early_stop_loss)
+        done = active & (loss.detach() < opts.early_stop_loss)
+        if opts.stop_at_most_probable:  # every target token of every template is already the argmax
+            miss = (logp.argmax(dim=-1) != sel_tok[s_mask]).to(logp.dtype)
+            misses = torch.zeros(n, device=device, dtype=logp.dtype).index_add(0, sel_req[s_mask], miss)
+            top = active & (misses == 0) & ~done
+            for i in torch.nonzero(top).squeeze(1).tolist():
+                stopped[i] = "most-probable"
+            done |= top
+        for i in torch.nonzero(done & (loss.detach() < opts.early_stop_loss)).squeeze(1).tolist():
+            stopped[i] = "loss"
+        active &= ~done
         if not bool(active.any()) or step == opts.v_steps - 1:
             break
         (grad,) = torch.autograd.grad((loss * active).sum(), [delta])
@@ -126,7 +146,7 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
             norms = delta.norm(dim=1).clamp_min(1e-12)
             delta.mul_(torch.clamp(limit / norms, max=1.0).unsqueeze(1))
     z = v_init + delta.detach().double()
-    return Values(z.cpu(), v_init.cpu(), steps, nll_req.cpu().tolist())
+    return Values(z.cpu(), v_init.cpu(), steps, nll_req.cpu().tolist(), stopped)
 
 
 def _full_forward(model, tok, arch, rows, site, layer, overrides, sel_row, sel_pos, kl_rows, row_req):

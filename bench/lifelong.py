@@ -1,0 +1,411 @@
+"""Lifelong (sequential) editing on the embedded SmolLM2, in the D4S paper's protocols, resumable.
+
+Protocols (``--protocol``):
+
+- ``zsre``: ../shared/data/zsre, one edit at a time (``--batch 1``), all edits so far re-evaluated
+  every ``--every`` edits with EasyEdit's teacher-forced token accuracies (rewrite = reliability,
+  rephrase = generalization, locality), as the D4S reference does;
+- ``counterfact``: the first N CounterFact cases (the same cases as bench/lte.py), batches of 50,
+  ES/PS/NS on all edits so far every ``--every`` edits;
+- ``mqd-tf``, ``mqd-mc``, ``mqd-dg``, ``mqd-mixed``: the same CounterFact facts as MQD-style
+  true/false, multiple-choice, open or mixed questions (``kedit import mqd-*``), ES/PS/NS plus the
+  GLUE-style suite's mean accuracy.
+
+Every checkpoint also records WikiText-2 perplexity (statistics come from other text: the
+Wikipedia sample, all of it, ~658k tokens), and per edited layer mean |W| and mean |ΔW| against
+the unedited model (D4S's L1 analysis).
+
+Each run (protocol × method) lives in ``--work/PROTOCOL/LABEL``: at every checkpoint the edited
+matrices, the editor's carried state and ``run.json`` (the commit point, written last) are saved,
+so ``--continue`` resumes a run cut off anywhere from its last checkpoint, in a later session too.
+Results are merged into ``bench/results/lifelong.json`` (one entry per protocol and label).
+
+    python bench/lifelong.py --protocol zsre --method memit --method d4s --n 1000 --batch 1 --every 100
+    python bench/lifelong.py --protocol zsre --method 'd4s:keys=reference' --n 1000 --batch 1 --continue
+    python bench/lifelong.py --protocol counterfact --method 'memit:layers=[3,4,5,6,7,8,9,10,11]' --n 1000
+    python bench/lifelong.py --report            # tables, correlations and plots from the results
+
+Method texts are ``EDITOR[:KEY=VALUE,...]`` (values in JSON: lists, numbers, true/false; anything
+else is a string).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
+
+from lte import DATA, ROOT  # lte sets the runtime up before torch is imported
+
+RESULTS = ROOT / "bench" / "results" / "lifelong.json"
+WIKI = DATA / "wikipedia" / "enwiki_sample_plaintext.jsonl"
+WIKITEXT = DATA / "wikitext2" / "wiki.test.raw"
+PROTOCOLS = ("zsre", "counterfact", "mqd-tf", "mqd-mc", "mqd-dg", "mqd-mixed")
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """``d4s:keys=reference,layers=[3,4]`` -> ("d4s", {"keys": "reference", "layers": [3, 4]})."""
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for piece in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", rest):
+        piece = piece.strip(", ")
+        if not piece:
+            continue
+        key, eq, value = piece.partition("=")
+        if not eq:
+            raise SystemExit(f"--method {text!r}: {piece!r} is not KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return name, options
+
+
+def label_of(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")
+
+
+def load_specs(protocol: str, n: int) -> list[Any]:
+    from kedit.plugins import lookup
+    from kedit.spec import import_specs
+
+    if protocol == "zsre":
+        path, importer = DATA / "zsre" / "zsre_mend_train-1k.json", "zsre"
+    else:
+        path, importer = DATA / "counterfact" / "counterfact-train.json", \
+            "counterfact" if protocol == "counterfact" else protocol
+    records = lookup("spec_importers", importer).obj().read(path)
+    specs, _ = import_specs(records, skip_invalid=True)
+    if protocol == "counterfact" or protocol.startswith("mqd"):
+        # the cases bench/lte.py and bench/sequential.py use: prompts that contain the subject
+        specs = [s for s in specs if "{}" in s.prompt]
+    return specs[:n]
+
+
+def evaluators(protocol: str, args) -> list[str]:
+    ppl = f"perplexity:data={WIKITEXT},max_tokens={args.ppl_tokens}"
+    if protocol == "zsre":
+        return ["token-acc", ppl]
+    out = ["counterfact", ppl]
+    if protocol.startswith("mqd") and args.glue_sample:
+        out.append(f"glue:data={DATA / 'glue'},sample={args.glue_sample}")
+    return out
+
+
+class FixedBase:
+    """The unedited model behind a long run, kept as copies of the edited tensors (a thousand
+    diffs would not fit in memory); a :class:`kedit.sequence.SequenceBase` in behaviour."""
+
+    def __new__(cls, model: torch.nn.Module, originals: dict[str, torch.Tensor]):
+        from kedit.sequence import SequenceBase
+
+        class _Base(SequenceBase):
+            def weight(self, name: str) -> torch.Tensor:
+                if name not in self._weights:
+                    self._weights[name] = self.model.get_parameter(name).detach().clone()
+                return self._weights[name]
+
+            def keep(self, names) -> None:
+                """Copy ``names`` before anything changes them."""
+                for n in names:
+                    self.weight(n)
+
+            @contextlib.contextmanager
+            def reverted(self) -> Iterator[torch.nn.Module]:
+                params = {n: self.model.get_parameter(n) for n in self._weights}
+                live = {n: p.data for n, p in params.items()}
+                try:
+                    for n, p in params.items():
+                        p.data = self._weights[n]
+                    yield self.model
+                finally:
+                    for n, p in params.items():
+                        p.data = live[n]
+
+        base = _Base(model, [])
+        base._weights = dict(originals)
+        return base
+
+
+def save_checkpoint(run_dir: Path, record: dict, model: torch.nn.Module, base, state: dict) -> None:
+    """Weights and state under checkpoint-numbered names, then run.json (the commit point), then
+    the previous checkpoint's files go."""
+    from safetensors.torch import save_file
+
+    from kedit.atomic import atomic_path, atomic_write_text
+
+    edits = record["edits"]
+    files = {"weights": f"weights-{edits:05d}.safetensors", "state": f"state-{edits:05d}.safetensors"}
+    with atomic_path(run_dir / files["weights"], "checkpoint") as tmp:
+        save_file({n: model.get_parameter(n).detach().contiguous() for n in sorted(base._weights)}, str(tmp))
+    with atomic_path(run_dir / files["state"], "checkpoint") as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    old = record.get("files")
+    record["files"] = files
+    atomic_write_text(run_dir / "run.json", json.dumps(record, indent=1) + "\n")
+    if old:
+        for name in old.values():
+            if name not in files.values():
+                (run_dir / name).unlink(missing_ok=True)
+
+
+def merge_result(protocol: str, label: str, record: dict) -> None:
+    from kedit.atomic import atomic_write_text
+
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    keep = {k: record[k] for k in ("protocol", "label", "editor", "options", "resolved", "n", "batch", "edits",
+                                   "points", "seconds", "stats", "unedited")}
+    results["runs"][f"{protocol}/{label}"] = keep
+    atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
+
+
+def run(protocol: str, method: str, args) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    from kedit import diff as diffmod
+    from kedit.config import RunConfig
+    from kedit.editing import EditPlan, SequenceStep, compute_diff
+    from kedit.evaluate import resolve_evaluators
+    from kedit.models import load
+    from kedit.sequence import BaseStats
+    from kedit.stats import KeyStats
+
+    editor, options = parse_method(method)
+    label = label_of(method) + (f"-b{args.batch}" if protocol != "zsre" and args.batch != 50 else "")
+    run_dir = Path(args.work) / protocol / label
+    record_path = run_dir / "run.json"
+    if record_path.is_file() and not args.continue_:
+        raise SystemExit(f"{run_dir} holds a run already: --continue resumes it (or remove the folder)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    specs = load_specs(protocol, args.n)
+    loaded = load(None, quiet=True)
+    model, tok, _ = loaded
+    config = RunConfig(quiet=True, seed=0)
+    stats = KeyStats(corpus=str(WIKI), n_tokens=args.stats_tokens)
+    plan = EditPlan.make(model, editor, options, seed=0, stats=stats)
+    chosen = resolve_evaluators(evaluators(protocol, args))
+    originals: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if (record["editor"], record["options"], record["batch"]) != (editor, options, args.batch):
+            raise SystemExit(f"{run_dir}: made with {record['editor']} {record['options']} batch {record['batch']}")
+        weights = load_file(str(run_dir / record["files"]["weights"]))
+        state = {k: v for k, v in load_file(str(run_dir / record["files"]["state"])).items()}
+        with torch.no_grad():
+            for n, w in weights.items():
+                originals[n] = model.get_parameter(n).detach().clone()
+                model.get_parameter(n).copy_(w)
+        print(f"{protocol}/{label}: resuming at {record['edits']} edits", file=sys.stderr, flush=True)
+    else:
+        record = {"protocol": protocol, "label": label, "editor": editor, "options": options, "n": args.n,
+                  "batch": args.batch, "edits": 0, "points": [], "seconds": 0.0, "files": None,
+                  "resolved": plan.options.model_dump(mode="json"),
+                  "stats": {"corpus": str(WIKI), "n_tokens_requested": args.stats_tokens}}
+    base = FixedBase(model, originals)
+    plan = EditPlan(plan.editor, plan.options, seed=0, stats=BaseStats(stats, base))
+    if record["edits"] == 0 and not record["points"]:  # the unedited model, once
+        record["unedited"] = point(chosen, specs, loaded, base, 0, config, set())
+        record["points"] = []
+    targets: list[dict] = []
+    while record["edits"] < min(args.n, len(specs)):
+        start = record["edits"]
+        stop = min(len(specs), (start // args.every + 1) * args.every, args.n)
+        t0 = time.perf_counter()
+        for i in range(start, stop, args.batch):
+            batch = specs[i:min(i + args.batch, stop)]
+            d = compute_diff(loaded, batch, plan, sequence=SequenceStep(base, state))
+            base.keep(d.deltas)
+            diffmod.apply(model, d)
+            targets.append(d.manifest.get("report", {}).get("targets", {}))
+            if args.verbose:
+                print(f"  {i + len(batch)} edits, {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+        record["seconds"] += time.perf_counter() - t0
+        record["edits"] = stop
+        p = point(chosen, specs[:stop], loaded, base, stop, config, set(base._weights))
+        p["edit_seconds"] = round(record["seconds"], 1)
+        p["targets"] = summarize_targets(targets)
+        targets = []
+        record["points"].append(p)
+        save_checkpoint(run_dir, record, model, base, state)
+        merge_result(protocol, label, record)
+        print(f"{protocol}/{label}: {line(p)}", file=sys.stderr, flush=True)
+    merge_result(protocol, label, record)
+    return record
+
+
+def summarize_targets(reports: list[dict]) -> dict:
+    reports = [r for r in reports if r]
+    if not reports:
+        return {}
+    n = sum(r["requests"] for r in reports)
+    stopped: dict[str, int] = {}
+    for r in reports:
+        for k, v in r["stopped"].items():
+            stopped[k] = stopped.get(k, 0) + v
+    return {"steps_mean": sum(r["steps_mean"] * r["requests"] for r in reports) / n,
+            "delta_ratio_mean": sum(r["delta_ratio_mean"] * r["requests"] for r in reports) / n, "stopped": stopped}
+
+
+def point(chosen, specs, loaded, base, edits: int, config, names: set[str]) -> dict:
+    from kedit.paradigms import evaluate_point
+    from kedit.sequence import drift
+
+    t0 = time.perf_counter()
+    p = evaluate_point(chosen, specs, loaded, base, "every", edits, config)
+    out = {"edits": edits, "metrics": p["metrics"], "base": p["base"], "eval_seconds": round(time.perf_counter() - t0, 1)}
+    if names:
+        out["drift"] = {n: {"mean_abs_w": v["mean_abs_w"], "mean_abs_dw": v["mean_abs_dw"],
+                            "base_mean_abs_w": float(base.weight(n).double().abs().mean())}
+                        for n, v in drift(loaded.model, base, sorted(names)).items()}
+    return out
+
+
+def headline(p: dict) -> dict[str, float]:
+    m = p["metrics"]
+    out = {}
+    if "token-acc" in m:
+        out.update(rewrite=m["token-acc"]["reliability"], rephrase=m["token-acc"]["generalization"],
+                   locality=m["token-acc"]["locality"])
+    if "counterfact" in m:
+        out.update(ES=m["counterfact"]["ES"], PS=m["counterfact"]["PS"], NS=m["counterfact"]["NS"])
+    if "glue" in m:
+        out["glue"] = m["glue"].get("mean_acc", float("nan"))
+    out["ppl"] = m["perplexity"]["ppl"]
+    return out
+
+
+def line(p: dict) -> str:
+    h = headline(p)
+    d = p.get("drift") or {}
+    w = sum(x["mean_abs_w"] for x in d.values()) / max(len(d), 1)
+    dw = sum(x["mean_abs_dw"] for x in d.values()) / max(len(d), 1)
+    return f"{p['edits']} edits " + " ".join(f"{k} {v:.3f}" for k, v in h.items()) + \
+        f" mean|W| {w:.5f} mean|ΔW| {dw:.2e} ({p.get('edit_seconds', 0):.0f}s editing)"
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sx = math.sqrt(sum((x - mx) ** 2 for x in xs))
+    sy = math.sqrt(sum((y - my) ** 2 for y in ys))
+    if sx == 0 or sy == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy)
+
+
+def report(args) -> None:
+    """Markdown tables per protocol, the L1-norm / accuracy correlation and plots."""
+    results = json.loads(RESULTS.read_text())["runs"]
+    by_protocol: dict[str, list[dict]] = {}
+    for r in results.values():
+        by_protocol.setdefault(r["protocol"], []).append(r)
+    for protocol, runs in sorted(by_protocol.items()):
+        acc_key = "rewrite" if protocol == "zsre" else "ES"
+        print(f"\n### {protocol}\n")
+        cols = list(headline(runs[0]["unedited"]).keys())
+        print("| method | edits | " + " | ".join(cols) + " | ppl increase | mean \\|W\\| growth | mean \\|ΔW\\| | "
+              "v* steps | s per edit |")
+        print("|---|---|" + "---|" * (len(cols) + 5))
+        for r in sorted(runs, key=lambda r: r["label"]):
+            u = headline(r["unedited"])
+            for p in r["points"]:
+                if not args.all_points and p is not r["points"][-1] and p["edits"] % args.table_every:
+                    continue
+                h = headline(p)
+                d = p["drift"]
+                w = sum(x["mean_abs_w"] for x in d.values()) / len(d)
+                dw = sum(x["mean_abs_dw"] for x in d.values()) / len(d)
+                base_w = sum(x["base_mean_abs_w"] for x in d.values()) / len(d)
+                steps = p.get("targets", {}).get("steps_mean")
+                print(f"| {r['label']} | {p['edits']} | " + " | ".join(f"{h[c]:.3f}" for c in cols) +
+                      f" | {100 * (h['ppl'] / u['ppl'] - 1):+.1f}% | {100 * (w / base_w - 1):+.2f}% | {dw:.2e} | "
+                      f"{'-' if steps is None else f'{steps:.1f}'} | {p['edit_seconds'] / p['edits']:.2f} |")
+            print("| unedited | | " + " | ".join(f"{u[c]:.3f}" for c in cols) + " | | | | | |")
+        print(f"\nPearson r between the edited layers' mean |W| and {acc_key} across checkpoints:")
+        pooled_x, pooled_y = [], []
+        for r in sorted(runs, key=lambda r: r["label"]):
+            xs = [sum(x["mean_abs_w"] for x in p["drift"].values()) / len(p["drift"]) for p in r["points"]]
+            ys = [headline(p)[acc_key] for p in r["points"]]
+            pooled_x += xs
+            pooled_y += ys
+            c = pearson(xs, ys)
+            print(f"- {r['label']}: {'n/a' if c is None else f'{c:+.3f}'} ({len(xs)} checkpoints)")
+        c = pearson(pooled_x, pooled_y)
+        print(f"- all runs pooled: {'n/a' if c is None else f'{c:+.3f}'} ({len(pooled_x)} checkpoints)")
+        if args.plots:
+            plot(protocol, runs, acc_key, Path(args.plots))
+
+
+def plot(protocol: str, runs: list[dict], acc_key: str, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in sorted(runs, key=lambda r: r["label"]):
+        xs = [p["edits"] for p in r["points"]]
+        w = [sum(x["mean_abs_w"] for x in p["drift"].values()) / len(p["drift"]) for p in r["points"]]
+        acc = [headline(p)[acc_key] for p in r["points"]]
+        ppl = [headline(p)["ppl"] / headline(r["unedited"])["ppl"] - 1 for p in r["points"]]
+        axes[0].plot(xs, acc, marker="o", label=r["label"])
+        axes[1].plot(xs, [100 * v for v in ppl], marker="o", label=r["label"])
+        axes[2].plot(w, acc, marker="o", label=r["label"])
+    axes[0].set(xlabel="edits", ylabel=acc_key, title=f"{protocol}: {acc_key} on all edits so far")
+    axes[1].set(xlabel="edits", ylabel="perplexity increase (%)", title="WikiText-2 perplexity")
+    axes[2].set(xlabel="mean |W| of the edited layers", ylabel=acc_key, title="L1 norm against accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    out = folder / f"lifelong_{protocol}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="zsre")
+    ap.add_argument("--method", action="append", default=[], help="EDITOR[:KEY=VALUE,...]; repeat for several")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=None, help="edits per step (default: 1 for zsre, 50 otherwise)")
+    ap.add_argument("--every", type=int, default=None, help="checkpoint and evaluate every N edits "
+                                                            "(default: 100 for zsre, 250 otherwise)")
+    ap.add_argument("--continue", dest="continue_", action="store_true", help="resume runs from their checkpoint")
+    ap.add_argument("--stats-tokens", type=int, default=1_000_000, help="Wikipedia tokens for C0 (all: ~658k)")
+    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--glue-sample", type=int, default=50)
+    ap.add_argument("--work", default=os.environ.get("KEDIT_BENCH_WORK", "/tmp/kedit-bench/lifelong"))
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--all-points", action="store_true", help="--report: every checkpoint, not only the table's")
+    ap.add_argument("--table-every", type=int, default=250)
+    ap.add_argument("--plots", default=str(ROOT / "docs" / "sequential"))
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    if args.report:
+        report(args)
+        return
+    args.batch = args.batch or (1 if args.protocol == "zsre" else 50)
+    args.every = args.every or (100 if args.protocol == "zsre" else 250)
+    if args.every % args.batch:
+        raise SystemExit("--every must be a multiple of --batch")
+    for method in args.method or ["memit"]:
+        run(args.protocol, method, args)
+
+
+if __name__ == "__main__":
+    main()
