@@ -158,14 +158,14 @@ def save_checkpoint(run_dir: Path, record: dict, model: torch.nn.Module, base, s
                 (run_dir / name).unlink(missing_ok=True)
 
 
-def merge_result(protocol: str, label: str, record: dict) -> None:
+def merge_result(protocol: str, label: str, record: dict, path: Path) -> None:
     from kedit.atomic import atomic_write_text
 
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
     keep = {k: record[k] for k in ("protocol", "label", "editor", "options", "resolved", "n", "batch", "edits",
                                    "points", "seconds", "stats", "unedited")}
     results["runs"][f"{protocol}/{label}"] = keep
-    atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(results, indent=1) + "\n")
 
 
 def run(protocol: str, method: str, args) -> dict:
@@ -181,7 +181,9 @@ def run(protocol: str, method: str, args) -> dict:
     from kedit.stats import KeyStats
 
     editor, options = parse_method(method)
-    label = label_of(method) + (f"-b{args.batch}" if protocol != "zsre" and args.batch != 50 else "")
+    label = label_of(method) + (f"-b{args.batch}" if protocol != "zsre" and args.batch != 50 else "") + \
+        ("" if args.stats_corpus == str(WIKI) else f"-stats={label_of(Path(args.stats_corpus).name)}") + \
+        ("" if args.stats_tokens == 1_000_000 else f"-{args.stats_tokens}tok")
     run_dir = Path(args.work) / protocol / label
     record_path = run_dir / "run.json"
     if record_path.is_file() and not args.continue_:
@@ -191,7 +193,7 @@ def run(protocol: str, method: str, args) -> dict:
     loaded = load(None, quiet=True)
     model, tok, _ = loaded
     config = RunConfig(quiet=True, seed=0)
-    stats = KeyStats(corpus=str(WIKI), n_tokens=args.stats_tokens)
+    stats = KeyStats(corpus=args.stats_corpus, n_tokens=args.stats_tokens)
     plan = EditPlan.make(model, editor, options, seed=0, stats=stats)
     chosen = resolve_evaluators(evaluators(protocol, args))
     originals: dict[str, torch.Tensor] = {}
@@ -211,11 +213,16 @@ def run(protocol: str, method: str, args) -> dict:
         record = {"protocol": protocol, "label": label, "editor": editor, "options": options, "n": args.n,
                   "batch": args.batch, "edits": 0, "points": [], "seconds": 0.0, "files": None,
                   "resolved": plan.options.model_dump(mode="json"),
-                  "stats": {"corpus": str(WIKI), "n_tokens_requested": args.stats_tokens}}
+                  "stats": {"corpus": args.stats_corpus, "n_tokens_requested": args.stats_tokens}}
     base = FixedBase(model, originals)
     plan = EditPlan(plan.editor, plan.options, seed=0, stats=BaseStats(stats, base))
-    if record["edits"] == 0 and not record["points"]:  # the unedited model, once
-        record["unedited"] = point(chosen, specs, loaded, base, 0, config, set())
+    if record["edits"] == 0 and not record["points"]:  # the unedited model, once per protocol and n
+        unedited = Path(args.work) / protocol / f"unedited-{args.n}-{label_of(','.join(evaluators(protocol, args)))}.json"
+        if not unedited.is_file():
+            from kedit.atomic import atomic_write_text
+
+            atomic_write_text(unedited, json.dumps(point(chosen, specs, loaded, base, 0, config, set())) + "\n")
+        record["unedited"] = json.loads(unedited.read_text())
         record["points"] = []
     targets: list[dict] = []
     while record["edits"] < min(args.n, len(specs)):
@@ -238,9 +245,9 @@ def run(protocol: str, method: str, args) -> dict:
         targets = []
         record["points"].append(p)
         save_checkpoint(run_dir, record, model, base, state)
-        merge_result(protocol, label, record)
+        merge_result(protocol, label, record, Path(args.results))
         print(f"{protocol}/{label}: {line(p)}", file=sys.stderr, flush=True)
-    merge_result(protocol, label, record)
+    merge_result(protocol, label, record, Path(args.results))
     return record
 
 
@@ -307,9 +314,11 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
 
 def report(args) -> None:
     """Markdown tables per protocol, the L1-norm / accuracy correlation and plots."""
-    results = json.loads(RESULTS.read_text())["runs"]
+    results = json.loads(Path(args.results).read_text())["runs"]
     by_protocol: dict[str, list[dict]] = {}
     for r in results.values():
+        if args.only and args.only not in r["label"]:
+            continue
         by_protocol.setdefault(r["protocol"], []).append(r)
     for protocol, runs in sorted(by_protocol.items()):
         acc_key = "rewrite" if protocol == "zsre" else "ES"
@@ -386,10 +395,15 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=None, help="checkpoint and evaluate every N edits "
                                                             "(default: 100 for zsre, 250 otherwise)")
     ap.add_argument("--continue", dest="continue_", action="store_true", help="resume runs from their checkpoint")
-    ap.add_argument("--stats-tokens", type=int, default=1_000_000, help="Wikipedia tokens for C0 (all: ~658k)")
+    ap.add_argument("--stats-corpus", default=str(WIKI), help="statistics corpus: a file, or builtin (kedit's "
+                                                              "default); default: the Wikipedia sample")
+    ap.add_argument("--stats-tokens", type=int, default=1_000_000, help="tokens for C0 (default: all of the "
+                                                                        "Wikipedia sample, ~658k)")
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--glue-sample", type=int, default=50)
     ap.add_argument("--work", default=os.environ.get("KEDIT_BENCH_WORK", "/tmp/kedit-bench/lifelong"))
+    ap.add_argument("--results", default=str(RESULTS), help="where results are merged (and --report reads)")
+    ap.add_argument("--only", default=None, help="--report: only labels containing this text")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--all-points", action="store_true", help="--report: every checkpoint, not only the table's")
     ap.add_argument("--table-every", type=int, default=250)
