@@ -341,7 +341,12 @@ def report(args) -> None:
                 print(f"| {r['label']} | {p['edits']} | " + " | ".join(f"{h[c]:.3f}" for c in cols) +
                       f" | {100 * (h['ppl'] / u['ppl'] - 1):+.1f}% | {100 * (w / base_w - 1):+.2f}% | {dw:.2e} | "
                       f"{'-' if steps is None else f'{steps:.1f}'} | {p['edit_seconds'] / p['edits']:.2f} |")
-            print("| unedited | | " + " | ".join(f"{u[c]:.3f}" for c in cols) + " | | | | | |")
+        shown = set()
+        for r in runs:  # the unedited model, once per number of specs
+            u = headline(r["unedited"])
+            if r["n"] not in shown:
+                shown.add(r["n"])
+                print(f"| unedited ({r['n']} specs) | 0 | " + " | ".join(f"{u[c]:.3f}" for c in cols) + " | | | | | |")
         print(f"\nPearson r between the edited layers' mean |W| and {acc_key} across checkpoints:")
         pooled_x, pooled_y = [], []
         for r in sorted(runs, key=lambda r: r["label"]):
