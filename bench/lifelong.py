@@ -287,7 +287,7 @@ def headline(p: dict) -> dict[str, float]:
     if "counterfact" in m:
         out.update(ES=m["counterfact"]["ES"], PS=m["counterfact"]["PS"], NS=m["counterfact"]["NS"])
     if "glue" in m:
-        out["glue"] = m["glue"].get("mean_acc", float("nan"))
+        out["glue"] = m["glue"]["mean.acc"]
     out["ppl"] = m["perplexity"]["ppl"]
     return out
 
