@@ -208,6 +208,7 @@ def run(protocol: str, method: str, args) -> dict:
             for n, w in weights.items():
                 originals[n] = model.get_parameter(n).detach().clone()
                 model.get_parameter(n).copy_(w)
+        record["n"] = max(record["n"], args.n)
         print(f"{protocol}/{label}: resuming at {record['edits']} edits", file=sys.stderr, flush=True)
     else:
         record = {"protocol": protocol, "label": label, "editor": editor, "options": options, "n": args.n,
@@ -317,7 +318,7 @@ def report(args) -> None:
     results = json.loads(Path(args.results).read_text())["runs"]
     by_protocol: dict[str, list[dict]] = {}
     for r in results.values():
-        if args.only and args.only not in r["label"]:
+        if (args.only and args.only not in r["label"]) or (args.skip and args.skip in r["label"]):
             continue
         by_protocol.setdefault(r["protocol"], []).append(r)
     for protocol, runs in sorted(by_protocol.items()):
@@ -342,11 +343,13 @@ def report(args) -> None:
                       f" | {100 * (h['ppl'] / u['ppl'] - 1):+.1f}% | {100 * (w / base_w - 1):+.2f}% | {dw:.2e} | "
                       f"{'-' if steps is None else f'{steps:.1f}'} | {p['edit_seconds'] / p['edits']:.2f} |")
         shown = set()
-        for r in runs:  # the unedited model, once per number of specs
-            u = headline(r["unedited"])
-            if r["n"] not in shown:
-                shown.add(r["n"])
-                print(f"| unedited ({r['n']} specs) | 0 | " + " | ".join(f"{u[c]:.3f}" for c in cols) + " | | | | | |")
+        for r in runs:  # the unedited model on as many specs as each run's last checkpoint
+            last = r["points"][-1] if r["points"] else r["unedited"]
+            if last["edits"] not in shown:
+                shown.add(last["edits"])
+                u = headline({"metrics": last["base"]}) if "base" in last and last["edits"] else headline(last)
+                print(f"| unedited ({last['edits'] or r['n']} specs) | 0 | " + " | ".join(f"{u[c]:.3f}" for c in cols)
+                      + " | | | | | |")
         print(f"\nPearson r between the edited layers' mean |W| and {acc_key} across checkpoints:")
         pooled_x, pooled_y = [], []
         for r in sorted(runs, key=lambda r: r["label"]):
@@ -409,6 +412,7 @@ def main() -> None:
     ap.add_argument("--work", default=os.environ.get("KEDIT_BENCH_WORK", "/tmp/kedit-bench/lifelong"))
     ap.add_argument("--results", default=str(RESULTS), help="where results are merged (and --report reads)")
     ap.add_argument("--only", default=None, help="--report: only labels containing this text")
+    ap.add_argument("--skip", default=None, help="--report: leave out labels containing this text")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--all-points", action="store_true", help="--report: every checkpoint, not only the table's")
     ap.add_argument("--table-every", type=int, default=250)
