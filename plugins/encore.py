@@ -3,8 +3,8 @@ Editing requires Better Regularization", arXiv 2502.01636):
 
 - **most-probable early stopping** (MPES): a request's target optimisation stops as soon as the
   new target is the most probable continuation on every context template (``ValueOptions.
-  stop_at_most_probable``, on here as for the whole family), so z is not pushed further than the
-  edit needs;
+  stop_at_most_probable``, on here, off by default in the rest of the family), so z is not pushed
+  further than the edit needs;
 - a **Frobenius-norm constraint** on the edited weights in the solve. With the preservation term
   and the edit term of MEMIT, the objective
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 
 class EncoreOptions(MemitOptions):
+    stop_at_most_probable: bool = Field(True, description="most-probable early stopping (ENCORE's first regulariser)")
     norm_weight: float = Field(0.1, ge=0, description="λ_n of the norm constraint, as a multiple of the mean "
                                                       "eigenvalue of λ C0 (0: MEMIT's solve; 1 cut ES to 0.78 on "
                                                       "one batch of 100 CounterFact edits, docs/sequential.md)")
