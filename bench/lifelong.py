@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 from lte import DATA, ROOT  # lte sets the runtime up before torch is imported
 
+from kedit.sequence import SequenceBase  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "lifelong.json"
 WIKI = DATA / "wikipedia" / "enwiki_sample_plaintext.jsonl"
 WIKITEXT = DATA / "wikitext2" / "wiki.test.raw"
@@ -101,39 +103,35 @@ def evaluators(protocol: str, args) -> list[str]:
     return out
 
 
-class FixedBase:
+class FixedBase(SequenceBase):
     """The unedited model behind a long run, kept as copies of the edited tensors (a thousand
-    diffs would not fit in memory); a :class:`kedit.sequence.SequenceBase` in behaviour."""
+    diffs would not fit in memory) instead of the applied diffs."""
 
-    def __new__(cls, model: torch.nn.Module, originals: dict[str, torch.Tensor]):
-        from kedit.sequence import SequenceBase
+    def __init__(self, model: "torch.nn.Module", originals: dict[str, "torch.Tensor"]) -> None:
+        super().__init__(model, [])
+        self._weights = dict(originals)
 
-        class _Base(SequenceBase):
-            def weight(self, name: str) -> torch.Tensor:
-                if name not in self._weights:
-                    self._weights[name] = self.model.get_parameter(name).detach().clone()
-                return self._weights[name]
+    def weight(self, name: str) -> "torch.Tensor":
+        if name not in self._weights:
+            self._weights[name] = self.model.get_parameter(name).detach().clone()
+        return self._weights[name]
 
-            def keep(self, names) -> None:
-                """Copy ``names`` before anything changes them."""
-                for n in names:
-                    self.weight(n)
+    def keep(self, names) -> None:
+        """Copy ``names`` before anything changes them."""
+        for n in names:
+            self.weight(n)
 
-            @contextlib.contextmanager
-            def reverted(self) -> Iterator[torch.nn.Module]:
-                params = {n: self.model.get_parameter(n) for n in self._weights}
-                live = {n: p.data for n, p in params.items()}
-                try:
-                    for n, p in params.items():
-                        p.data = self._weights[n]
-                    yield self.model
-                finally:
-                    for n, p in params.items():
-                        p.data = live[n]
-
-        base = _Base(model, [])
-        base._weights = dict(originals)
-        return base
+    @contextlib.contextmanager
+    def reverted(self) -> Iterator["torch.nn.Module"]:
+        params = {n: self.model.get_parameter(n) for n in self._weights}
+        live = {n: p.data for n, p in params.items()}
+        try:
+            for n, p in params.items():
+                p.data = self._weights[n]
+            yield self.model
+        finally:
+            for n, p in params.items():
+                p.data = live[n]
 
 
 def save_checkpoint(run_dir: Path, record: dict, model: torch.nn.Module, base, state: dict) -> None:

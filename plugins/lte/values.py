@@ -123,17 +123,16 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
         nll_req[act] = nll.detach()[act]
         for i in act.tolist():
             steps[i] = step + 1
-        done = active & (loss.detach() < opts.early_stop_loss)
+        by_loss = active & (loss.detach() < opts.early_stop_loss)
+        top = torch.zeros_like(active)
         if opts.stop_at_most_probable:  # every target token of every template is already the argmax
             miss = (logp.argmax(dim=-1) != sel_tok[s_mask]).to(logp.dtype)
             misses = torch.zeros(n, device=device, dtype=logp.dtype).index_add(0, sel_req[s_mask], miss)
-            top = active & (misses == 0) & ~done
-            for i in torch.nonzero(top).squeeze(1).tolist():
-                stopped[i] = "most-probable"
-            done |= top
-        for i in torch.nonzero(done & (loss.detach() < opts.early_stop_loss)).squeeze(1).tolist():
-            stopped[i] = "loss"
-        active &= ~done
+            top = active & (misses == 0) & ~by_loss
+        for why, mask in (("loss", by_loss), ("most-probable", top)):
+            for i in torch.nonzero(mask).squeeze(1).tolist():
+                stopped[i] = why
+        active &= ~(by_loss | top)
         if not bool(active.any()) or step == opts.v_steps - 1:
             break
         (grad,) = torch.autograd.grad((loss * active).sum(), [delta])
