@@ -2,8 +2,8 @@
 
 CounterFact cases: the first N of ../shared/data/counterfact/counterfact-train.json whose prompt
 contains the subject (template = prompt with the subject replaced by {}). Scored as in
-algorithms.md §4.1 (ES/PS/NS by probability comparison). `rome` edits each case on the unedited
-model; the MEMIT family edits all N in one batch. Perplexity: first 20k characters of WikiText-2.
+algorithms.md §4.1 (ES/PS/NS by probability comparison). `rome` and `kn` edit each case on the
+unedited model; the MEMIT family edits all N in one batch. Perplexity: first 20k characters of WikiText-2.
 Key statistics: WikiText-2 test, cached after the first run (their time is reported separately).
 
     python bench/lte.py [--n 100] [--methods rome,memit,alphaedit,emmet] [--stats-tokens 300000]
@@ -25,6 +25,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+SINGLE = ("rome", "kn")  # edited one case at a time on the unedited model
+NO_STATS = ("kn", "ft")  # editors that read no key statistics
 
 
 def rss_mib() -> float:
@@ -63,7 +65,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--methods", default="rome,memit,alphaedit,emmet")
     ap.add_argument("--stats-tokens", type=int, default=300_000)
-    ap.add_argument("--rome-n", type=int, default=None, help="cases for rome (default: --n)")
+    ap.add_argument("--rome-n", type=int, default=None, help="cases for the single-edit methods, rome and kn (default: --n)")
     ap.add_argument("-o", "--option", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
@@ -93,12 +95,13 @@ def main() -> None:
                                              if k.startswith(method + ".")}, seed=config.seed, stats=stats)
         layers = getattr(plan.options, "layers", None) or [plan.options.layer]
         t = time.perf_counter()
-        stats.second_moment(model, tok, layers)
+        if method not in NO_STATS:
+            stats.second_moment(model, tok, layers)
         stats_s = time.perf_counter() - t
-        if method == "rome":
+        if method in SINGLE:
             scores, sec = single_edits(loaded, specs[: args.rome_n or len(specs)], plan)
             ppl = float("nan")
-            label = "rome (single edits, median s)"
+            label = f"{method} (single edits, median s)"
         else:
             t = time.perf_counter()
             d = compute_diff(loaded, specs, plan)
@@ -108,7 +111,7 @@ def main() -> None:
             ppl = perplexity(model, tok, text)
             diffmod.revert(model, d)
             label = f"{method} (one batch)"
-        n = min(len(specs), args.rome_n or len(specs)) if method == "rome" else len(specs)
+        n = min(len(specs), args.rome_n or len(specs)) if method in SINGLE else len(specs)
         rows.append({"method": label, "n": n, **scores, "ppl": ppl,
                      "ppl_change": (ppl / base_ppl - 1) if ppl == ppl else float("nan"),
                      "s_per_edit": sec, "stats_s": stats_s, "layers": layers, "rss_mib": rss_mib()})
