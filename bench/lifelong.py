@@ -93,6 +93,11 @@ def load_specs(protocol: str, n: int) -> list[Any]:
     return specs[:n]
 
 
+def default_batch(protocol: str) -> int:
+    """zsRE runs one edit at a time (the D4S paper's protocol); the others in batches of 50."""
+    return 1 if protocol == "zsre" else 50
+
+
 def evaluators(protocol: str, args) -> list[str]:
     ppl = f"perplexity:data={WIKITEXT},max_tokens={args.ppl_tokens}"
     if protocol == "zsre":
@@ -179,7 +184,7 @@ def run(protocol: str, method: str, args) -> dict:
     from kedit.stats import KeyStats
 
     editor, options = parse_method(method)
-    label = label_of(method) + (f"-b{args.batch}" if protocol != "zsre" and args.batch != 50 else "") + \
+    label = label_of(method) + (f"-b{args.batch}" if args.batch != default_batch(protocol) else "") + \
         ("" if args.stats_corpus == str(WIKI) else f"-stats={label_of(Path(args.stats_corpus).name)}") + \
         ("" if args.stats_tokens == 1_000_000 else f"-{args.stats_tokens}tok")
     run_dir = Path(args.work) / protocol / label
@@ -420,7 +425,7 @@ def main() -> None:
     if args.report:
         report(args)
         return
-    args.batch = args.batch or (1 if args.protocol == "zsre" else 50)
+    args.batch = args.batch or default_batch(args.protocol)
     args.every = args.every or (100 if args.protocol == "zsre" else 250)
     if args.every % args.batch:
         raise SystemExit("--every must be a multiple of --batch")

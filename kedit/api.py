@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .scoring import target_ids
 
 __all__ = [
-    "hookimpl", "Options", "Editor", "EditContext", "Regularizer", "Evaluator", "EvalContext", "EvalResult",
+    "hookimpl", "Options", "Editor", "EditContext", "TrainContext", "Regularizer", "Evaluator", "EvalContext", "EvalResult",
     "SpecImporter", "StatsProvider", "SequenceView", "ArchSpec", "arch_for", "num_layers", "resolve_layer",
     "EditSpec", "Probe", "InputError", "KeditError", "Dense", "LowRank", "Sparse", "target_ids",
 ]
@@ -125,6 +125,9 @@ class EditContext:
     # manifest under ``report``.
     report: dict[str, Any] = field(default_factory=dict)
 
+    # Trained artifacts named by the editor's ``artifact_options``, loaded and checked by the host.
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
     def at_base(self) -> Any:
         """A context manager in which the model holds the sequence base's weights (a no-op outside
         sequences): for what a sequence must compute once, from the base (context templates)."""
@@ -142,6 +145,26 @@ class EditContext:
         return self.stats
 
 
+@dataclass
+class TrainContext:
+    """What the host hands :meth:`Editor.train`."""
+
+    seed: int = 0
+    progress: "Progress | Callable[..., Any]" = _no_progress
+    generator: "torch.Generator | None" = None
+    # The last checkpoint of an interrupted run of the same training (same editor, options, data,
+    # base and seed): ``{"step": int, "tensors": {...}, "state": {...}}``; None for a fresh run.
+    resume: dict[str, Any] | None = None
+    # checkpoint(step, tensors, state): save progress atomically (tensors: weights and optimizer
+    # moments; state: JSON values such as the curve so far).
+    checkpoint: Callable[[int, dict[str, "torch.Tensor"], dict[str, Any]], None] = lambda *a: None
+    # Parameter names whose base values the artifact depends on; set by the editor, recorded
+    # (by content hash) in the artifact so that it is never applied to another base model.
+    base_tensors: list[str] = field(default_factory=list)
+    # The training curve and validation results: JSON values recorded in the artifact's metadata.
+    report: dict[str, Any] = field(default_factory=dict)
+
+
 class Editor(ABC):
     """Computes weight deltas for a list of edit specs.
 
@@ -157,6 +180,14 @@ class Editor(ABC):
     # True for an editor that solves layer by layer and calls ``context.regularize`` on each
     # layer's delta when the host sets it (``--reg-in-loop``); others refuse that flag.
     regularizes_in_loop: ClassVar[bool] = False
+    # Options that name a trained artifact (a path) the editor reads, e.g. MEND's "artifact". The
+    # host loads each one set (:func:`kedit.artifacts.read`), refuses one trained for another
+    # base model, hands it over as ``context.artifacts[option]`` and records its sha256 in the
+    # diff's manifest.
+    artifact_options: ClassVar[tuple[str, ...]] = ()
+    # An editor that must be trained first sets ``TrainOptions`` and implements :meth:`train`;
+    # ``kedit train EDITOR`` then runs it (seeded, resumable, writing an artifact).
+    TrainOptions: ClassVar[type[Options] | None] = None
 
     def resolve(self, options: Any, model: "torch.nn.Module") -> Any:
         """Fill options left unset (layers, family defaults) for this model; the host records the
@@ -167,6 +198,14 @@ class Editor(ABC):
     def edit(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec],
              options: Any, context: EditContext) -> dict[str, Any]:
         ...
+
+    def train(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: Any,
+              context: "TrainContext") -> dict[str, "torch.Tensor"]:
+        """Train what :meth:`edit` will read and return its tensors; the host writes them as an
+        artifact, with ``context.base_tensors`` as the base it belongs to. Save progress with
+        ``context.checkpoint`` and continue from ``context.resume``, so an interrupted run goes on
+        where it stopped and ends with the same tensors."""
+        raise InputError(f"editor {self.name!r} is not trained (`kedit train` runs editors that are)")
 
     def remove(self, model: "torch.nn.Module", tokenizer: Any, spec_ids: list[str],
                steps: list[tuple[list[str], dict[str, "torch.Tensor"]]], options: Any,

@@ -226,6 +226,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             item["default"] = bool(getattr(r.obj, "default", False))
         if args.options and hasattr(r.obj, "Options"):
             item["options"] = schema_listing(r.obj.Options)
+            if getattr(r.obj, "TrainOptions", None) is not None:
+                item["train_options"] = schema_listing(r.obj.TrainOptions)  # `kedit train NAME -o KEY VALUE`
             if getattr(r.obj, "primary", None):
                 item["primary"] = r.obj.primary
         out[name] = item
@@ -316,6 +318,27 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for p, st in zip(args.diffs if args.action != "revert" else reversed(args.diffs), statuses):
         print(f"{p}: {st}")
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .models import load
+    from .options import parse_pairs
+    from .training import train
+
+    config = run_config(args)
+    loaded = load(config.model, progress=config.progress())
+    result = train(args.editor, args.data, args.out, loaded, parse_pairs(args.option), importer=args.importer,
+                   seed=args.seed, overwrite=args.overwrite, progress=config.progress())
+    if args.json:
+        _print_json(result)
+        return 0
+    report = result["report"]
+    print(f"wrote {result['artifact']} (sha256 {result['sha256'][:12]}…; {result['data']['records']} training "
+          f"records, {result['seconds']:.0f} s" + (f", resumed at step {result['resumed_at']}" if result["resumed_at"]
+                                                   else "") + ")")
+    for key, value in report.get("validation", {}).items():
+        print(f"validation {key}: {value:.4g}" if isinstance(value, float) else f"validation {key}: {value}")
     return 0
 
 
@@ -477,6 +500,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "verified \"signatures\" of a signed diff")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("train", help="train what an editor needs first (MEND's hypernetwork) and write the artifact")
+    p.add_argument("editor", help="a trainable editor (e.g. mend)")
+    p.add_argument("--data", required=True, help="training records: a spec file (JSONL) or, with --importer, "
+                   "a public data set's file")
+    p.add_argument("--importer", help="read --data with this spec importer (e.g. zsre; see `kedit importers`)")
+    p.add_argument("--out", required=True, help="the artifact (.safetensors); an interrupted run keeps its "
+                   "checkpoint in OUT.partial/ and the same command continues it")
+    p.add_argument("-o", "--option", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="training option (see `kedit editors --options`)")
+    p.add_argument("--model", help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the initialisation and the data order")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out artifact")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("stats", help="compute and cache key statistics (C0 = E[k kᵀ]) for locate-then-edit editors")
     p.add_argument("action", choices=["compute"])

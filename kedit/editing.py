@@ -17,6 +17,7 @@ from . import delta as D
 from . import diff as diffmod
 from .api import EditContext, StatsProvider
 from .arch import arch_for
+from .artifacts import read as read_artifact
 from .errors import InputError, KeditError
 from .hashing import tokenizer_sha256
 from .limits import check_diff_budget
@@ -170,6 +171,11 @@ def compute_diff(loaded: "LoadedModel", specs: list[EditSpec], plan: EditPlan, *
         context.regularize = regularize
     versions = {n: p._version for n, p in params.items()}
     instance = editor.obj()
+    for option in editor.obj.artifact_options:
+        path = getattr(plan.options, option, None)
+        if path is not None:
+            context.artifacts[option] = read_artifact(path, model, tokenizer, editor=editor.name,
+                                                      weight=lambda n: context.base_weight(model, n))
     if removal is not None:
         deltas = instance.remove(model, tokenizer, list(removal.spec_ids), list(removal.steps), plan.options, context)
     else:
@@ -202,6 +208,8 @@ def compute_diff(loaded: "LoadedModel", specs: list[EditSpec], plan: EditPlan, *
     }
     if removal is not None:
         record["removes"] = list(removal.spec_ids)
+    if context.artifacts:
+        record["artifacts"] = {k: a.record() for k, a in context.artifacts.items()}
     if context.report:
         record["report"] = context.report
     return diffmod.build({n: params[n].detach().cpu() for n in out}, out, record)
