@@ -1,21 +1,27 @@
-"""The RECT paradigm study (Gu et al.) on the embedded SmolLM2: general ability after sequential
-and batch editing, with and without the RECT regularizer.
+"""The RECT paper's study on the embedded SmolLM2: KN, ROME, MEND and MEMIT on zsRE, with and
+without ``rect:0.4``, general abilities on the paper's eight tasks (``rect-tasks-v1``).
 
-General ability: the GLUE-style sets in ../shared/data/glue (zero-shot, answer-option
-log-likelihood, `--sample` examples per set), scored as changes against the unedited model with
-paired 95% intervals. Edit success: CounterFact ES/PS/NS on the specs edited so far. Edits: the
-first CounterFact cases of ../shared/data/counterfact. Key statistics: WikiText-2 test (cached).
+The edits are the last 100 zsRE records, the ones ``bench/mend_train.py`` holds out of MEND's
+training. Parts (each resumable: every finished unit is merged into
+``bench/results/rect_study.json`` at once and skipped on the next run):
 
-- sequential: one spec per edit, each computed on the model the previous edits left; evaluated
-  after each count in --checkpoints. rome and memit, each with and without rect:K.
-- batch: memit on the first N specs in one edit, for N in --batches; the RECT variant regularizes
-  the same deltas (rect is applied after the editor, so the edit is computed once).
+- ``unedited``: the tasks on the unedited model, per task-sample seed.
+- ``single``: each of the first ``--single-n`` edits alone on the unedited model (token accuracy,
+  mean over edits); the tasks after the first one.
+- ``sequential``: ``--seq-n`` edits one at a time, each on the model the earlier ones left (ROME,
+  MEMIT, KN, MEND); the paper's weight-change table (Manhattan distance, share of elements with
+  relative change above 0.077 and 0.171) after 1, 5, 10 and 15 edits; token accuracy on all
+  edits and the tasks at the end.
+- ``batch``: one batch of 10, 50 and 100 edits (MEMIT, MEND).
+- ``sweep``: RECT's keep-fraction 0.1–1.0 for ROME (single edits), MEMIT and MEND (a batch of
+  ``--sweep-batch``): the edit is computed once and regularized at each fraction; the share of
+  edit success kept at 0.4 against the paper's "over 94%".
 
-Results go to --out (a `kedit report` runs file), rewritten after every evaluation, so a partial
-run is still a valid file.
+    python bench/rect_study.py --part sweep
+    python bench/rect_study.py --part sequential --editor rome --editor kn --seeds 0,1
+    python bench/rect_study.py --report
 
-    python bench/rect_study.py [--parts batch,seq-memit,seq-rome] [--checkpoints 1,10,50,100]
-                               [--batches 10,50,100] [--sample 100] [--out bench/results/rect_study.json]
+MEND reads its artifact from ``--mend`` (default: bench/mend_train.py's output).
 """
 from __future__ import annotations
 
@@ -24,142 +30,272 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-# bench/ is on sys.path when a bench runs as a script; lte sets THP before it imports torch.
-from lte import DATA, ROOT, cases
+from lifelong import FixedBase, load_specs  # noqa: E402  (sets the runtime up before torch)
+from lte import DATA, ROOT  # noqa: E402
+from mend_train import DEFAULT_OUT as MEND_ARTIFACT  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "rect_study.json"
+EDITORS = ("rome", "memit", "kn", "mend")
+REGS = ((), ("rect:0.4",))
+DRIFT_AT = (1, 5, 10, 15)
+
+
+def results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"units": {}}
+
+
+def save(path: Path, key: str, value: dict) -> None:
+    from kedit.atomic import atomic_write_text
+
+    data = results(path)
+    data["units"][key] = value
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+class Study:
+    def __init__(self, args):
+        from kedit.models import load
+
+        self.args = args
+        self.loaded = load(None, quiet=True)
+        self.model = self.loaded.model
+        self.specs = load_specs("zsre", 10_000)[-100:]
+        self.path = Path(args.results)
+        self.done = set(results(self.path)["units"])
+
+    def options(self, editor: str) -> dict[str, Any]:
+        return {"artifact": str(self.args.mend)} if editor == "mend" else {}
+
+    def plan(self, editor: str, regs: tuple[str, ...]):
+        from kedit.editing import EditPlan
+        from kedit.stats import KeyStats
+
+        stats = KeyStats(corpus=str(DATA / "wikipedia" / "enwiki_sample_plaintext.jsonl"), n_tokens=1_000_000)
+        return EditPlan.make(self.model, editor, self.options(editor), list(regs), seed=0, stats=stats)
+
+    def tasks(self, seed: int) -> dict:
+        from kedit.api import EvalContext
+        from kedit_plugins.rect_tasks import RectTasks, RectTasksOptions
+
+        opts = RectTasksOptions(data=str(DATA / "rect"), sample=self.args.sample, tasks=self.args.tasks or None)
+        t = time.perf_counter()
+        r = RectTasks().evaluate(self.model, self.loaded.tokenizer, [], opts, EvalContext(seed=seed))
+        return {"metrics": r.metrics, "seconds": round(time.perf_counter() - t, 1)}
+
+    def token_acc(self, specs) -> dict[str, float]:
+        from kedit.api import EvalContext
+        from kedit.scoring import TeacherForced
+        from kedit_plugins.edit_metrics import TokenAccuracy
+
+        ev = TokenAccuracy()
+        opts = ev.Options()
+        ctx = EvalContext(seed=0, scorer=TeacherForced(self.model, self.loaded.tokenizer))
+        with self.base.reverted() as m:
+            ref = ev.reference(m, self.loaded.tokenizer, specs, opts, EvalContext(seed=0))
+        ctx.reference = ref
+        r = ev.evaluate(self.model, self.loaded.tokenizer, specs, opts, ctx)
+        return dict(r.metrics if hasattr(r, "metrics") else r)
+
+    def unit(self, key: str, fn) -> None:
+        if key in self.done:
+            return
+        t = time.perf_counter()
+        value = fn()
+        value["wall_seconds"] = round(time.perf_counter() - t, 1)
+        save(self.path, key, value)
+        self.done.add(key)
+        print(f"{key}: {json.dumps(value)[:400]}", file=sys.stderr, flush=True)
+
+    def edited(self, editor: str, regs, batches: list[list], at=()) -> dict:
+        """Apply ``batches`` in order (each computed on the model the earlier ones left); the
+        drift after the counts in ``at``. The model is edited on return (see :meth:`restore`)."""
+        from kedit import diff as diffmod
+        from kedit.editing import SequenceStep, compute_diff
+        from kedit.sequence import BaseStats, drift
+
+        plan = self.plan(editor, regs)
+        plan.stats = BaseStats(plan.stats, self.base)
+        state: dict = {}
+        out: dict[str, Any] = {"drift": {}}
+        edits, t = 0, time.perf_counter()
+        for batch in batches:
+            d = compute_diff(self.loaded, batch, plan, sequence=SequenceStep(self.base, state))
+            self.base.keep(d.deltas)
+            diffmod.apply(self.model, d)
+            edits += len(batch)
+            if edits in at:
+                rows = drift(self.model, self.base, sorted(self.base._weights))
+                out["drift"][edits] = {"l1_distance": sum(r["l1_distance"] for r in rows.values()),
+                                       "share_rel_gt_0.077": _mean(r["share_rel_gt_0.077"] for r in rows.values()),
+                                       "share_rel_gt_0.171": _mean(r["share_rel_gt_0.171"] for r in rows.values()),
+                                       "matrices": len(rows)}
+        out["edit_seconds"] = round(time.perf_counter() - t, 1)
+        return out
+
+    def fresh(self) -> None:
+        self.base = FixedBase(self.model, {})
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, w in self.base._weights.items():
+                self.model.get_parameter(n).copy_(w)
+        self.fresh()
+
+    # --- parts ---
+
+    def unedited(self) -> None:
+        self.fresh()
+        for seed in self.args.seed_list:
+            self.unit(f"unedited/seed{seed}", lambda s=seed: self.tasks(s))
+
+    def single(self) -> None:
+        n = self.args.single_n
+        for editor in self.args.editors:
+            for regs in REGS:
+                tag = f"single/{editor}/{'+'.join(regs) or 'none'}"
+
+                def run(editor=editor, regs=regs):
+                    accs = []
+                    for spec in self.specs[:n]:
+                        self.fresh()
+                        self.edited(editor, regs, [[spec]])
+                        accs.append(self.token_acc([spec]))
+                        self.restore()
+                    return {"n": n, "token_acc": {k: _mean(a[k] for a in accs) for k in accs[0]}}
+                self.unit(tag, run)
+                for seed in self.args.seed_list:
+                    def tasks(editor=editor, regs=regs, seed=seed):
+                        self.fresh()
+                        self.edited(editor, regs, [[self.specs[0]]])
+                        try:
+                            return {"tasks": self.tasks(seed)}
+                        finally:
+                            self.restore()
+                    self.unit(f"{tag}/tasks/seed{seed}", tasks)
+
+    def sequential(self) -> None:
+        n = self.args.seq_n
+        for editor in self.args.editors:
+            for regs in REGS:
+                tag = f"sequential/{editor}/{'+'.join(regs) or 'none'}/n{n}"
+                if tag in self.done and all(f"{tag}/tasks/seed{s}" in self.done for s in self.args.seed_list):
+                    continue
+                self.fresh()
+                res = self.edited(editor, regs, [[s] for s in self.specs[:n]], at=DRIFT_AT)
+                res["token_acc"] = self.token_acc(self.specs[:n])
+                self.unit(tag, lambda res=res: res)
+                for seed in self.args.seed_list:
+                    self.unit(f"{tag}/tasks/seed{seed}", lambda seed=seed: {"tasks": self.tasks(seed)})
+                self.restore()
+
+    def batch(self) -> None:
+        for editor in [e for e in self.args.editors if e in ("memit", "mend")]:
+            for size in (10, 50, 100):
+                for regs in REGS:
+                    tag = f"batch/{editor}/{'+'.join(regs) or 'none'}/b{size}"
+                    if tag in self.done and all(f"{tag}/tasks/seed{s}" in self.done for s in self.args.seed_list):
+                        continue
+                    self.fresh()
+                    res = self.edited(editor, regs, [self.specs[:size]])
+                    res["token_acc"] = self.token_acc(self.specs[:size])
+                    self.unit(tag, lambda res=res: res)
+                    for seed in self.args.seed_list:
+                        self.unit(f"{tag}/tasks/seed{seed}", lambda seed=seed: {"tasks": self.tasks(seed)})
+                    self.restore()
+
+    def sweep(self) -> None:
+        from kedit import diff as diffmod
+        from kedit.editing import compute_diff, regularize_diff, resolve_regs
+
+        keeps = [round(0.1 * i, 1) for i in range(1, 11)]
+        for editor in [e for e in self.args.editors if e in ("rome", "memit", "mend")]:
+            tag = f"sweep/{editor}"
+
+            def run(editor=editor):
+                groups = [[s] for s in self.specs[:self.args.single_n]] if editor == "rome" else \
+                    [self.specs[:self.args.sweep_batch]]
+                self.fresh()
+                plan = self.plan(editor, ())
+                diffs = [compute_diff(self.loaded, g, plan) for g in groups]
+                out = {}
+                for k in keeps:
+                    accs = []
+                    for g, d in zip(groups, diffs):
+                        r = d if k == 1.0 else regularize_diff(self.model, d, resolve_regs([f"rect:{k}"]))
+                        diffmod.apply(self.model, r)
+                        accs.append((self.token_acc(g), len(g)))
+                        diffmod.revert(self.model, r)
+                    total = sum(n for _, n in accs)
+                    out[str(k)] = {m: sum(a[m] * n for a, n in accs) / total for m in accs[0][0]}
+                return {"groups": len(groups), "edits": sum(len(g) for g in groups), "keep": out}
+            self.unit(tag, run)
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def report(path: Path) -> None:
+    units = results(path)["units"]
+    print("## Unedited, rect-tasks-v1\n")
+    for k, v in sorted(units.items()):
+        if k.startswith("unedited/"):
+            print(f"- {k}: mean.score {v['metrics']['mean.score']:.3f} ({v['seconds']:.0f} s)")
+    print("\n## Edit success (token accuracy) and general abilities\n")
+    print("| run | rewrite | rephrase | locality | rect-tasks mean (seeds) |")
+    print("|---|---|---|---|---|")
+    for k, v in sorted(units.items()):
+        if "/tasks/" in k or k.startswith(("unedited", "sweep")):
+            continue
+        tasks = [u["tasks"]["metrics"]["mean.score"] for kk, u in units.items() if kk.startswith(k + "/tasks/")]
+        ta = v["token_acc"]
+        print(f"| {k} | {ta['reliability']:.3f} | {ta['generalization']:.3f} | {ta['locality']:.3f} | "
+              + (", ".join(f"{t:.3f}" for t in tasks) or "–") + " |")
+    print("\n## Weight change after sequential edits (the paper's table)\n")
+    print("| run | edits | Manhattan distance | share δ > 0.077 | share δ > 0.171 |")
+    print("|---|---|---|---|---|")
+    for k, v in sorted(units.items()):
+        for n, d in sorted((v.get("drift") or {}).items(), key=lambda x: int(x[0])):
+            print(f"| {k} | {n} | {d['l1_distance']:.4g} | {d['share_rel_gt_0.077']:.4f} | {d['share_rel_gt_0.171']:.4f} |")
+    print("\n## RECT keep-fraction sweep (share of edit success kept, against keep 1.0)\n")
+    for k, v in sorted(units.items()):
+        if k.startswith("sweep/"):
+            full = v["keep"]["1.0"]
+            row = " ".join(f"{kk}: {x['reliability'] / max(full['reliability'], 1e-9):.2f}"
+                           for kk, x in v["keep"].items())
+            print(f"- {k} ({v['edits']} edits): rewrite kept {row}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="batch,seq-memit,seq-rome")
-    ap.add_argument("--checkpoints", default="1,10,50,100")
-    ap.add_argument("--batches", default="10,50,100")
-    ap.add_argument("--sample", type=int, default=100, help="examples per GLUE-style set")
-    ap.add_argument("--rect", type=float, default=0.4)
-    ap.add_argument("--stats-tokens", type=int, default=300_000)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rect_study.json"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", action="append", choices=["unedited", "single", "sequential", "batch", "sweep"])
+    ap.add_argument("--editor", action="append", choices=EDITORS, help="default: all four")
+    ap.add_argument("--seeds", default="0,1", help="task-sample seeds")
+    ap.add_argument("--sample", type=int, default=50, help="examples per task and seed")
+    ap.add_argument("--tasks", action="append", help="rect-tasks to run (default: all eight)")
+    ap.add_argument("--single-n", type=int, default=10)
+    ap.add_argument("--seq-n", type=int, default=100)
+    ap.add_argument("--sweep-batch", type=int, default=50)
+    ap.add_argument("--mend", default=str(MEND_ARTIFACT), help="MEND artifact (bench/mend_train.py)")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
-
-
-    from kedit import diff as diffmod
-    from kedit.atomic import atomic_write_text
-    from kedit.config import RunConfig, StatsConfig
-    from kedit.editing import EditPlan, compute_diff, regularize_diff, resolve_regs
-    from kedit.evaluate import Evaluation, resolve_evaluators
-    from kedit.sequence import BaseStats, SequenceBase
-
-    checkpoints = [int(x) for x in args.checkpoints.split(",")]
-    batches = [int(x) for x in args.batches.split(",")]
-    config = RunConfig(stats=StatsConfig(str(DATA / "wikitext2" / "wiki.test.raw"), args.stats_tokens, 256), quiet=True)
-    loaded = config.load()
-    model, tok, _ = loaded
-    specs = cases(max(checkpoints + batches))
-    stats = config.stats_provider()
-    glue = f"glue:data={DATA / 'glue'},sample={args.sample}"
-    # Every edit of a sequence uses the unedited model's key statistics, as sequential MEMIT and
-    # AlphaEdit do (the first call happens before any edit; the cache is keyed by the weights).
-    seq_stats = BaseStats(stats, SequenceBase(model))
-    out_path = Path(args.out)
-    runs: list[dict] = json.loads(out_path.read_text())["runs"] if out_path.is_file() else []
-
-    def save() -> None:
-        """Write the runs, plus per method the batch sizes as one curve (x = edits in the batch)."""
-        single = [r for r in runs if not r.get("aggregate")]
-        methods = dict.fromkeys(r.get("method", r["label"].rsplit(" batch ", 1)[0]) for r in single
-                                if r.get("paradigm") == "batch")
-        agg = []
-        for m in methods:
-            pts = sorted((r for r in single if r.get("paradigm") == "batch"
-                          and r.get("method", r["label"].rsplit(" batch ", 1)[0]) == m), key=lambda r: r["edits"])
-            curve = [{"edits": r["edits"], "metrics": r["metrics"], "delta": r["delta"], "ci": r["ci"]} for r in pts]
-            agg.append({**pts[-1], "label": f"{m} (one batch of N)", "curve": curve, "aggregate": True})
-        runs[:] = single + agg
-        atomic_write_text(out_path, json.dumps({"runs": runs}, indent=1) + "\n")
-
-    def evaluate(edited_specs, diffs) -> dict:
-        """Unedited (cached) vs the model with ``diffs`` applied; the model is restored after."""
-        chosen = resolve_evaluators([glue, "counterfact"])
-        ev = Evaluation(chosen, edited_specs, use_cache=True)
-        ev.base(model, tok)
-        for d in diffs:
-            diffmod.apply(model, d)
-        t = time.perf_counter()
-        ev.edited(model, tok)
-        for d in reversed(diffs):
-            diffmod.revert(model, d)
-        s = ev.summary()
-        print(f"  evaluated in {time.perf_counter() - t:.0f}s: glue mean.acc {s['metrics']['glue']['mean.acc']:.3f} "
-              f"(unedited {s['base']['glue']['mean.acc']:.3f}), ES {s['metrics']['counterfact']['ES']:.2f}",
-              file=sys.stderr, flush=True)
-        return s
-
-    def record(label: str, summary: dict, extra: dict) -> None:
-        runs[:] = [r for r in runs if r["label"] != label]
-        runs.append({"label": label, **summary, **extra})
-        save()
-
-    for part in [p for p in args.parts.split(",") if p]:
-        if part == "batch":
-            plan = EditPlan.make(model, "memit", {}, seed=config.seed, stats=stats)
-            rect = resolve_regs([f"rect:{args.rect}"])
-            for n in batches:
-                t = time.perf_counter()
-                plain = compute_diff(loaded, specs[:n], plan)
-                sec = time.perf_counter() - t
-                regularized = regularize_diff(model, plain, rect)
-                for name, d in [("memit", plain), (f"memit+rect:{args.rect}", regularized)]:
-                    label = f"{name} batch {n}"
-                    print(f"{label}: edit {sec:.0f}s", file=sys.stderr, flush=True)
-                    record(label, evaluate(specs[:n], [d]), {"paradigm": "batch", "method": name, "edits": n,
-                                                             "edit_seconds": sec})
-        elif part.startswith("seq-"):
-            method = part[4:]
-            for regs in ([], [f"rect:{args.rect}"]):
-                plan = EditPlan.make(model, method, {}, regs, seed=config.seed, stats=seq_stats)
-                label = f"{method}{'+' + regs[0] if regs else ''} sequential"
-                curve, diffs, t_edit = [], [], 0.0
-                for i, spec in enumerate(specs[: max(checkpoints)], start=1):
-                    t = time.perf_counter()
-                    d = compute_diff(loaded, [spec], plan)
-                    t_edit += time.perf_counter() - t
-                    diffmod.apply(model, d)
-                    diffs.append(d)
-                    if i in checkpoints:
-                        for x in reversed(diffs):
-                            diffmod.revert(model, x)
-                        print(f"{label}: {i} edits ({t_edit / i:.1f}s per edit)", file=sys.stderr, flush=True)
-                        s = evaluate(specs[:i], diffs)
-                        for x in diffs:
-                            diffmod.apply(model, x)
-                        curve.append({"edits": i, "metrics": s["metrics"], "delta": s["delta"], "ci": s["ci"]})
-                        record(label, s, {"paradigm": "sequential", "edits": i, "curve": curve,
-                                          "edit_seconds_per_edit": t_edit / i})
-                for x in reversed(diffs):
-                    diffmod.revert(model, x)
-        else:
-            raise SystemExit(f"unknown part {part!r}")
-    save()
-    print_tables(runs)
-    print(f"\nwrote {out_path}; plots: kedit report {out_path} -o DIR")
-
-
-def print_tables(runs: list[dict]) -> None:
-    """Edit success and general-ability change per run (sequential runs: one row per checkpoint)."""
-    rows = []
-    for r in runs:
-        if r.get("aggregate"):
-            continue
-        points = r.get("curve") or [{"edits": r["edits"], "metrics": r["metrics"], "delta": r["delta"], "ci": r["ci"]}]
-        for p in points:
-            rows.append((r["label"].replace(" sequential", "").rsplit(" batch ", 1)[0], r["paradigm"], p))
-    tasks = [k[:-4] for k in rows[0][2]["metrics"]["glue"] if k.endswith(".acc") and k != "mean.acc"] if rows else []
-    print("| method | paradigm | edits | ES | PS | NS | Δ mean acc (95% CI) | " + " | ".join(f"Δ {t}" for t in tasks) + " |")
-    print("|---|---|---|---|---|---|---|" + "---|" * len(tasks))
-    for method, paradigm, p in sorted(rows, key=lambda x: (x[1], x[0], x[2]["edits"])):
-        cf, d, ci = p["metrics"]["counterfact"], p["delta"]["glue"], p["ci"]["glue"]
-        mean = f"{d['mean.acc']:+.3f}" + (f" ({ci['mean.acc'][0]:+.3f}…{ci['mean.acc'][1]:+.3f})" if "mean.acc" in ci else "")
-        per = " | ".join(f"{d[t + '.acc']:+.2f}" for t in tasks)
-        print(f"| {method} | {paradigm} | {p['edits']} | {cf['ES']:.2f} | {cf['PS']:.2f} | {cf['NS']:.2f} | {mean} | {per} |")
+    if args.report:
+        report(Path(args.results))
+        return
+    args.editors = args.editor or list(EDITORS)
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    if "mend" in args.editors and not Path(args.mend).is_file():
+        sys.exit(f"{args.mend}: no MEND artifact; run bench/mend_train.py first or leave mend out (--editor ...)")
+    study = Study(args)
+    for part in args.part or ["unedited", "sweep", "single", "batch", "sequential"]:
+        getattr(study, part)()
+    report(Path(args.results))
 
 
 if __name__ == "__main__":
