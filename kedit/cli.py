@@ -63,7 +63,9 @@ def run_config(args: argparse.Namespace) -> Any:
                      stats=StatsConfig(corpus=getattr(args, "corpus", None),
                                        n_tokens=getattr(args, "stats_tokens", None)),
                      evaluators=tuple(evaluators), data=tuple(getattr(args, "data", None) or ()),
-                     use_cache=not getattr(args, "no_cache", False), quiet=getattr(args, "quiet", False))
+                     use_cache=not getattr(args, "no_cache", False), quiet=getattr(args, "quiet", False),
+                     device=getattr(args, "device", None) or "cpu", dtype=getattr(args, "dtype", None) or "float32",
+                     device_map=getattr(args, "device_map", None))
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -283,7 +285,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     trust = Trust.load(args.trusted_keys, args.require_signature)
     if args.action == "verify":
-        results = wf.verify(args.diffs, args.model, trust)
+        results = wf.verify(args.diffs, args.model, trust, dtype=args.dtype)
         if args.json:
             _print_json(results)
         for r in results:
@@ -295,7 +297,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.action == "squash":
         if not args.output:
             raise InputError("diff squash needs -o OUT.kedit.safetensors")
-        d = wf.squash(args.diffs, args.output, args.model, trust, args.overwrite)
+        d = wf.squash(args.diffs, args.output, args.model, trust, args.overwrite, dtype=args.dtype)
         print(f"wrote {args.output} ({d.id}); max |squashed − chain| = {d.manifest['squash_max_abs_vs_chain']:.3g}")
         return 0
     if args.edit:
@@ -311,10 +313,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if not args.out:
         raise InputError(f"diff {args.action} needs --out DIR")
     if args.action == "revert":
-        statuses = wf.revert_in_folder(args.diffs, args.out, args.model, args.overwrite, trust)
+        statuses = wf.revert_in_folder(args.diffs, args.out, args.model, args.overwrite, trust, dtype=args.dtype)
     else:
         statuses = wf.apply_to_folder(args.diffs, args.out, args.model, args.overwrite, card=args.action == "export",
-                                      trust=trust)
+                                      trust=trust, dtype=args.dtype)
     for p, st in zip(args.diffs if args.action != "revert" else reversed(args.diffs), statuses):
         print(f"{p}: {st}")
     print(f"wrote {args.out}")
@@ -327,7 +329,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     config = run_config(args)
-    loaded = load(config.model, progress=config.progress())
+    loaded = load(config.model, progress=config.progress(), **config.placement())
     result = train(args.editor, args.data, args.out, loaded, parse_pairs(args.option), importer=args.importer,
                    seed=args.seed, overwrite=args.overwrite, progress=config.progress())
     if args.json:
@@ -352,7 +354,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not args.layers:
         raise InputError("stats compute needs --layers, e.g. --layers 3,4,5,6,7 (all layers at once is rarely wanted)")
     config = replace(run_config(args), stats=StatsConfig(args.corpus, args.tokens, args.max_len, args.batch_size))
-    model, tok, _ = load(config.model, progress=config.progress())
+    model, tok, _ = load(config.model, progress=config.progress(), **config.placement())
     stats = config.stats_provider()
     stats.second_moment(model, tok, parse_layers(args.layers, model.config))
     if args.json:
@@ -381,6 +383,15 @@ Every signature present is verified whenever a diff is read: a bad one is refuse
 apply, revert, squash and export refuse diffs that no trusted key signed. Private keys are only
 read to sign; they never go into diffs or output.
 """
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (CUDA when there is one)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the model's weights (default float32); solves stay float64, deltas float32, and "
+                   "a diff records the dtype it was computed against")
+    p.add_argument("--device-map", choices=["auto"], help="spread a model too large for one device over all of them "
+                   "(accelerate); placement then ignores --device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out diff (never an input)")
     p.add_argument("--json", action="store_true", help="print machine-readable results (progress stays on stderr)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _placement_args(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("eval", help="run evaluators on a model, with diffs applied and without")
@@ -454,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the unedited model's evaluation")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _placement_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="Markdown/HTML report with tables and PNG plots from result JSON files")
@@ -482,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("diffs", nargs="+", metavar="DIFF", help="diff file(s); a chain is listed in application order "
                    "(keygen: the key file to make)")
     p.add_argument("--model", help="model to check or change (default: the embedded model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="load the model in this dtype (default: the dtype the first diff was computed against)")
     p.add_argument("--out", help="apply/revert/export: folder to write (loadable with from_pretrained)")
     p.add_argument("-o", "--output", help="squash: the diff file to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (apply, revert, export) or an existing -o diff (squash)")
@@ -515,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out artifact")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _placement_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("stats", help="compute and cache key statistics (C0 = E[k kᵀ]) for locate-then-edit editors")
@@ -530,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the model-sampled corpus")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _placement_args(p)
     p.set_defaults(func=cmd_stats)
 
     for name in ["plugins", *KIND_COMMANDS]:

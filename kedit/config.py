@@ -8,6 +8,7 @@ before any model is loaded.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -16,6 +17,27 @@ from .errors import InputError
 
 Mode = Literal["batch", "sequential"]
 MAX_SEED = 2**63 - 1  # torch and Python generators take it; above 2**64 torch fails deep inside
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a CUDA device, else ``cpu``; a CUDA device that is
+    not there is an input error, not a crash deep inside a run."""
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available (torch {torch.__version__} sees none); "
+                         "use --device cpu or auto")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _strs(values: Sequence[Any] | None) -> tuple[str, ...]:
@@ -51,8 +73,12 @@ class StatsConfig:
 class RunConfig:
     """Where and how a job runs.
 
-    ``device``, ``dtype`` and ``group`` (a ``torch.distributed`` process group) are carried for
-    the multi-device work; today only ``cpu``/``float32`` and no group are accepted.
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when there is one). ``dtype``: the
+    weights' dtype (solves stay float64 and deltas float32 whatever it is; a diff records the
+    dtype of the tensors it was computed against). ``device_map="auto"`` spreads a model that does
+    not fit one device over the available ones (accelerate) and then decides placement instead of
+    ``device``. ``group`` (a ``torch.distributed`` process group) is carried for the
+    multi-process work; none is accepted yet.
     """
 
     model: str | None = None
@@ -64,6 +90,7 @@ class RunConfig:
     quiet: bool = False
     device: str = "cpu"
     dtype: str = "float32"
+    device_map: str | None = None
     group: Any = None
 
     def __post_init__(self) -> None:
@@ -71,8 +98,14 @@ class RunConfig:
         object.__setattr__(self, "data", _strs(self.data))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed {self.seed!r}: must be a whole number from 0 to {MAX_SEED}")
-        if self.device != "cpu" or self.dtype != "float32" or self.group is not None:
-            raise InputError(f"device {self.device!r}, dtype {self.dtype!r}: this kedit runs on the CPU in float32")
+        if not re.fullmatch(r"cpu|cuda|cuda:\d+|auto", str(self.device)):
+            raise InputError(f"device {self.device!r}: expected cpu, cuda, cuda:N or auto")
+        if self.dtype not in DTYPES:
+            raise InputError(f"dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.device_map not in (None, "auto"):
+            raise InputError(f"device map {self.device_map!r}: only 'auto' (accelerate's placement) is supported")
+        if self.group is not None:
+            raise InputError("a torch.distributed process group is not supported yet")
 
     def progress(self):
         """The progress reporter for this run (see :mod:`kedit.progress`)."""
@@ -80,11 +113,15 @@ class RunConfig:
 
         return Progress(quiet=self.quiet)
 
+    def placement(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`kedit.models.load`: the device (``auto`` resolved), dtype and device map."""
+        return {"device": resolve_device(self.device), "dtype": self.dtype, "device_map": self.device_map}
+
     def load(self):
         """``(model, tokenizer, source)`` as :class:`kedit.models.LoadedModel`."""
         from .models import load
 
-        return load(self.model, device=self.device, progress=self.progress())
+        return load(self.model, progress=self.progress(), **self.placement())
 
     def stats_provider(self):
         """A fresh key-statistics provider for this run (see :class:`kedit.api.StatsProvider`)."""

@@ -216,7 +216,7 @@ def state(model: torch.nn.Module, diff: Diff) -> str:
                              f"the diff was made for another model ({base.get('name_or_path')})")
         if dtype_name(p.dtype) != rec["dtype"]:
             raise InputError(f"{label}: {name} is {dtype_name(p.dtype)} in the model but {rec['dtype']} in the diff's base; "
-                             "load the model in the diff's dtype (a dtype cast changes every tensor hash)")
+                             f"load the model in the diff's dtype (--dtype {rec['dtype']}; a dtype cast changes every tensor hash)")
         h = tensor_sha256(p)
         if h == rec["sha256"]:
             states.add("base")

@@ -180,8 +180,9 @@ def resolve(name_or_path: str | None, progress: Progress = SILENT) -> tuple[str,
 
 
 def load(name_or_path: str | None = None, device: str = "cpu", quiet: bool = True,
-         progress: Progress | None = None) -> LoadedModel:
-    """Load ``(model, tokenizer, source)`` in fp32, eval mode, right padding.
+         progress: Progress | None = None, dtype: str = "float32", device_map: str | None = None) -> LoadedModel:
+    """Load ``(model, tokenizer, source)`` in ``dtype`` (fp32 by default) on ``device`` (or placed
+    by accelerate with ``device_map="auto"``), eval mode, right padding.
 
     A local folder (or a GGUF file's cached copy) is checked while it loads: a config.json that
     is not JSON or names an unknown model_type, a missing tokenizer, weights missing from or
@@ -202,8 +203,9 @@ def load(name_or_path: str | None = None, device: str = "cpu", quiet: bool = Tru
         config = loadcheck.read_config(target, folder)
         tok = loadcheck.load_tokenizer(target, folder)
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(target, config=config, dtype=torch.float32,
-                                                               output_loading_info=True)
+            extra = {"device_map": device_map} if device_map else {}
+            model, info = AutoModelForCausalLM.from_pretrained(target, config=config, dtype=getattr(torch, dtype),
+                                                               output_loading_info=True, **extra)
         except OSError as exc:
             raise InputError(f"cannot load model {name_or_path!r}: {brief(exc)}") from None
         except SafetensorError as exc:
@@ -221,7 +223,9 @@ def load(name_or_path: str | None = None, device: str = "cpu", quiet: bool = Tru
     if source.kind == "hub":
         source = ModelSource(source.name_or_path, getattr(model.config, "_commit_hash", None), "hub")
     prepare_tokenizer(tok)
-    model.to(device).eval()
+    if not device_map:
+        model.to(device)
+    model.eval()
     return LoadedModel(model, tok, source)
 
 

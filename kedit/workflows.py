@@ -78,7 +78,7 @@ def _edit_batch(job: EditJob, config: RunConfig, specs: list[EditSpec]) -> dict[
     progress = config.progress()
     prior = load_chain(job.after)
     chosen = resolve_evaluators(config.evaluators, config.data) if config.evaluators else []
-    loaded = load(config.model, device=config.device, progress=progress)
+    loaded = load(config.model, progress=progress, **config.placement())
     lm, tok, _ = loaded
     check_lengths(specs, tok, lm.config, job.specs)
     for d in prior:
@@ -191,7 +191,7 @@ def _edit_sequence(job: EditJob, config: RunConfig, specs: list[EditSpec], sched
     progress = config.progress()
     batch_size = job.batch_size or 1
     chosen = resolve_evaluators(config.evaluators, config.data) if config.evaluators else []
-    loaded = load(config.model, device=config.device, progress=progress)
+    loaded = load(config.model, progress=progress, **config.placement())
     lm, tok, source = loaded
     check_lengths(specs, tok, lm.config, job.specs)
     previous: list[EditSpec] = []
@@ -239,7 +239,7 @@ def remove_from_chain(chain_path: str | os.PathLike, ids: Sequence[str], config:
         chain.verify()
         fields, config = _chain_run(chain, config or RunConfig())
         progress = config.progress()
-        loaded = load(config.model, device=config.device, progress=progress)
+        loaded = load(config.model, progress=progress, **config.placement())
         plan = EditPlan.make(loaded.model, fields["editor"], fields["options"], fields["regs"], fields["reg_in_loop"],
                              config.seed, stats=config.stats_provider(), progress=progress)
         return remove_edits(loaded, chain, ids, plan)
@@ -276,7 +276,7 @@ def eval_model(config: RunConfig | None = None, diffs: Sequence[str | os.PathLik
         raise InputError(f"evaluator(s) {', '.join(needy)} read edit specs: give --specs SPEC.jsonl "
                          "or diffs that record their specs")
     progress = config.progress()
-    lm, tok, source = load(config.model, device=config.device, progress=progress)
+    lm, tok, source = load(config.model, progress=progress, **config.placement())
     check_lengths(specs, tok, lm.config, spec_path)
     result = evaluate_chain(chosen, specs, lm, tok, chain, seed=config.seed, progress=progress,
                             use_cache=config.use_cache)
@@ -294,11 +294,22 @@ def load_chain(paths: Sequence[str | os.PathLike], trust: "Trust | None" = None)
     return diffmod.check_chain(diffs)
 
 
-def verify(paths: Sequence[str], model: str | None = None, trust: "Trust | None" = None) -> list[dict[str, Any]]:
+def diff_dtype(diffs: Sequence[diffmod.Diff], dtype: str | None) -> str:
+    """The dtype to load the base in: the one asked for, else the one the first diff was made
+    against (a diff computed on bfloat16 weights verifies only against bfloat16 weights)."""
+    if dtype is not None:
+        return dtype
+    tensors = diffs[0].manifest.get("base", {}).get("tensors", {}) if diffs else {}
+    return next((t["dtype"] for t in tensors.values() if t.get("dtype") in ("float32", "bfloat16", "float16")),
+                "float32")
+
+
+def verify(paths: Sequence[str], model: str | None = None, trust: "Trust | None" = None,
+           dtype: str | None = None) -> list[dict[str, Any]]:
     """Each diff's status against the model, applying earlier ones of the chain in memory, and
     its signers (marked trusted or not with ``trust``)."""
     diffs = load_chain(paths, trust)
-    lm, _, _ = load(model)
+    lm, _, _ = load(model, dtype=diff_dtype(diffs, dtype))
     out = []
     for d in diffs:
         signed = trust.report(d.signatures) if trust is not None else [dict(s) for s in d.signatures]
@@ -323,11 +334,12 @@ def _save_folder(lm, tok, out: Path, extra: dict[str, str] | None = None) -> Non
 
 
 def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
-                    overwrite: bool = False, card: bool = False, trust: "Trust | None" = None) -> list[str]:
+                    overwrite: bool = False, card: bool = False, trust: "Trust | None" = None,
+                    dtype: str | None = None) -> list[str]:
     """Apply a chain to a model and save the result as a ``from_pretrained`` folder."""
     with claimed(out, inputs=paths, overwrite=overwrite, folder=True):
         diffs = load_chain(paths, trust)
-        lm, tok, source = load(model)
+        lm, tok, source = load(model, dtype=diff_dtype(diffs, dtype))
         statuses = [diffmod.apply(lm, d) for d in diffs]
         extra = None
         if card:
@@ -338,24 +350,24 @@ def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | N
 
 
 def revert_in_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
-                     overwrite: bool = False, trust: "Trust | None" = None) -> list[str]:
+                     overwrite: bool = False, trust: "Trust | None" = None, dtype: str | None = None) -> list[str]:
     """Revert a chain (last diff first) and save the result."""
     with claimed(out, inputs=paths, overwrite=overwrite, folder=True):
         diffs = load_chain(paths, trust)
-        lm, tok, _ = load(model)
+        lm, tok, _ = load(model, dtype=diff_dtype(diffs, dtype))
         statuses = [diffmod.revert(lm, d) for d in reversed(diffs)]
         _save_folder(lm, tok, Path(out))
         return statuses
 
 
 def squash(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
-           trust: "Trust | None" = None, overwrite: bool = False) -> diffmod.Diff:
+           trust: "Trust | None" = None, overwrite: bool = False, dtype: str | None = None) -> diffmod.Diff:
     """One diff equal to a chain, written to ``out``."""
     if Path(out).is_dir():
         raise InputError(f"-o {out}: is a folder; squash writes one diff file")
     with claimed(out, inputs=paths, overwrite=overwrite, flag="-o"):
         diffs = load_chain(paths, trust)
-        lm, _, _ = load(model)
+        lm, _, _ = load(model, dtype=diff_dtype(diffs, dtype))
         result = diffmod.squash(lm, diffs)
         diffmod.write(result, out)
         return result

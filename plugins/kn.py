@@ -169,7 +169,7 @@ def _ig_chunk(model: "torch.nn.Module", arch: Any, cache: Any, last: int, answer
         def hook(_module, args):
             x = args[0]  # (b, 1, d_ff)
             a = x[block * m].detach()  # α = 0 row holds the unchanged activation too: lower layers are unscaled
-            leaf = (alphas[:, None, None] * a).requires_grad_(True)
+            leaf = (alphas[:, None, None].to(a.dtype) * a).requires_grad_(True)
             base[layer], leaves[layer] = a[0], leaf
             x = torch.cat([x[:block * m], leaf, x[(block + 1) * m:]])
             return (x, *args[1:])
@@ -189,7 +189,7 @@ def _ig_chunk(model: "torch.nn.Module", arch: Any, cache: Any, last: int, answer
     finally:
         for h in handles:
             h.remove()
-    return torch.stack([g[:, 0].sum(0) * base[layer] / m for g, layer in zip(grads, layers)]).double()
+    return torch.stack([g[:, 0].double().sum(0) * base[layer].double() / m for g, layer in zip(grads, layers)])
 
 
 def select(scores: list["torch.Tensor"], adaptive_threshold: float, p: float,
