@@ -347,6 +347,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from . import distributed
     from .config import StatsConfig
     from .models import load
     from .stats import parse_layers
@@ -354,9 +355,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not args.layers:
         raise InputError("stats compute needs --layers, e.g. --layers 3,4,5,6,7 (all layers at once is rarely wanted)")
     config = replace(run_config(args), stats=StatsConfig(args.corpus, args.tokens, args.max_len, args.batch_size))
+    if args.nproc > 1 and not distributed.in_torchrun():
+        argv = [a for a in args.argv if not a.startswith("--nproc")]
+        if "--nproc" in args.argv:  # the "--nproc N" form: drop its value too
+            i = args.argv.index("--nproc")
+            argv = args.argv[:i] + args.argv[i + 2:]
+        return distributed.relaunch(args.nproc, argv)
+    distributed.join(config.placement()["device"])
     model, tok, _ = load(config.model, progress=config.progress(), **config.placement())
     stats = config.stats_provider()
     stats.second_moment(model, tok, parse_layers(args.layers, model.config))
+    if distributed.rank_and_size()[0] != 0:
+        return 0
     if args.json:
         _print_json({"layers": {str(k): v for k, v in stats.last.items()}, "record": stats.record()})
         return 0
@@ -544,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=positive_int, help="tokens per packed row (default: 256, or the model's context)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward batch (default: 16)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the model-sampled corpus")
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes (torch.distributed; gloo on the CPU, "
+                   "nccl on CUDA): each takes a disjoint share of the corpus and the float64 sums are all-reduced, "
+                   "so the result and its cache entry are one process's (also under `torchrun … -m kedit`)")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     _placement_args(p)
@@ -579,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # for a command that relaunches itself
         return int(args.func(args) or 0)
     except InputError as exc:
         print(f"kedit: error: {exc}", file=sys.stderr)

@@ -136,16 +136,21 @@ def accumulate(model: "torch.nn.Module", arch: ArchSpec, rows: list[list[int]], 
                 raise _Stop
         return hook
 
+    from .distributed import all_reduce_sum, rank_and_size
+
+    rank, size = rank_and_size()  # under torchrun each rank takes every size-th batch
+    starts = list(range(0, len(rows), batch_size))[rank::size]
     was_training, count, handles = model.training, 0, []
-    n_tokens = sum(len(r) for r in rows)
-    progress = bar(total=n_tokens, desc=f"key statistics, layers {_span(layers)}", unit="tok")
+    n_tokens = sum(len(r) for s in starts for r in rows[s:s + batch_size])
+    progress = bar(total=n_tokens, desc=f"key statistics, layers {_span(layers)}" +
+                   (f" (rank {rank} of {size})" if size > 1 else ""), unit="tok")
     try:
         for layer in layers:
             module = model.get_submodule(arch.mlp_out.format(layer))
             handles.append(module.register_forward_pre_hook(make_hook(layer)))
         model.eval()
         with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
+            for start in starts:
                 batch = rows[start:start + batch_size]
                 width = max(len(r) for r in batch)
                 ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in batch], dtype=torch.long)
@@ -163,6 +168,14 @@ def accumulate(model: "torch.nn.Module", arch: ArchSpec, rows: list[list[int]], 
         for h in handles:
             h.remove()
         model.train(was_training)
+    if size > 1:  # the same batches as one process, so only the float64 summation order differs
+        for layer in layers:
+            if layer not in acc:  # a rank with no batch still takes part
+                d_k = _d_k(model, arch, layer)
+                acc[layer] = torch.zeros(d_k, d_k, dtype=torch.float64, device=device)
+        total = torch.tensor([float(count)], dtype=torch.float64, device=device)
+        all_reduce_sum([acc[layer] for layer in sorted(acc)] + [total])
+        count = int(total.item())
     return {layer: (a / count).cpu() for layer, a in acc.items()}, count
 
 
@@ -395,13 +408,17 @@ class KeyStats(StatsProvider):
             t0 = time.perf_counter()
             moments, count = accumulate(model, arch, self._rows[tok_sha], missing, self.batch_size, pad,
                                         self.progress)
+            from .distributed import barrier, rank_and_size
+
             for layer in missing:
                 meta = {"count": str(count), "module": arch.mlp_out.format(layer), "key": keys[layer],
                         "corpus_sha256": str(self._source.sha256), "corpus": json.dumps(self._source.describe),
                         "n_tokens": str(self.n_tokens), "max_len": str(self.max_len), "seed": str(self.seed)}
-                write_moment(files[layer], moments[layer], count, meta)
+                if rank_and_size()[0] == 0:  # every rank holds the same result; one writes the cache
+                    write_moment(files[layer], moments[layer], count, meta)
                 self._memory[keys[layer]] = (moments[layer], count)
                 self.last[layer] = {"source": "computed", "seconds": time.perf_counter() - t0}
+            barrier()
         out = {}
         for layer in layers:
             out[layer], self._used = self._memory[keys[layer]]
