@@ -105,6 +105,16 @@ def test_batched_values_equal_one_at_a_time(kind):
         assert both.steps[i] == alone.steps[0]
 
 
+def test_chunked_values_equal_one_batch():
+    model, tok, arch, specs = _setup("llama")
+    templates = context_templates(model, tok, [(4, 2)])
+    whole = values.optimize(model, tok, arch, specs, templates, "block", 2, values.ValueOptions(**FAST_V))
+    chunked = values.optimize(model, tok, arch, specs, templates, "block", 2, values.ValueOptions(**FAST_V, v_chunk=1))
+    torch.testing.assert_close(chunked.z, whole.z, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked.v_init, whole.v_init, rtol=1e-4, atol=1e-4)  # float32 batch rounding
+    assert chunked.steps == whole.steps and len(chunked.stopped) == len(specs)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_rome_edited_matrix_maps_the_key_to_the_target_value(kind, stats):
     from kedit_plugins.rome import Rome

@@ -22,6 +22,10 @@ class ValueOptions(BaseModel):
                                 "(llama, mistral, qwen2), 0.5 for the GPT families, as in the reference configs")
     clamp_norm_factor: float = Field(4.0, gt=0, description="‖δ‖ ≤ clamp_norm_factor · ‖v_init‖")
     kl_factor: float = Field(0.0625, ge=0, description="weight of KL(p_δ ‖ p_0) on '{subject} is a'")
+    v_chunk: int | None = Field(
+        25, ge=1, description="optimise the targets this many requests at a time: the same optimisation (float32 "
+                              "rounding aside) with a fraction of the memory. A MEMIT batch of 100 on SmolLM2 peaks "
+                              "at 2.6 GB with 25, 5.7 GB all at once (null), at the same speed")
     early_stop_loss: float = Field(0.05, ge=0, description="a request stops once its loss is below this")
     stop_at_most_probable: bool = Field(
         False, description="most-probable early stopping (ENCORE, arXiv 2502.01636): a request also stops once its "

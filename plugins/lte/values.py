@@ -51,7 +51,25 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
              progress: Callable[..., Any] = lambda x, **_: x, fast: bool = True) -> Values:
     """Optimise one δ per spec at ``site`` of ``layer``; ``average_init`` takes v_init as the mean
     over the templates (r-ROME) instead of the plain prompt's value; ``fast`` uses the exact
-    packed suffix-only forward (:mod:`.packed`) where the architecture allows it."""
+    packed suffix-only forward (:mod:`.packed`) where the architecture allows it.
+
+    With ``opts.v_chunk`` the requests run ``v_chunk`` at a time: the losses are separable and
+    Adam is elementwise, so this is the same optimisation with a fraction of the memory (the
+    activations kept for the backward pass grow with the requests in flight); only the float32
+    rounding of the batched products can differ."""
+    chunk = opts.v_chunk
+    if chunk is None or len(specs) <= chunk:
+        return _optimize(model, tok, arch, specs, templates, site, layer, opts, average_init, overrides, progress, fast)
+    parts = [_optimize(model, tok, arch, specs[i:i + chunk], templates, site, layer, opts, average_init, overrides,
+                       progress, fast) for i in range(0, len(specs), chunk)]
+    return Values(torch.cat([p.z for p in parts]), torch.cat([p.v_init for p in parts]),
+                  [x for p in parts for x in p.steps], [x for p in parts for x in p.nll],
+                  [x for p in parts for x in p.stopped])
+
+
+def _optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[EditSpec], templates: Sequence[str],
+              site: Literal["block", "mlp_out"], layer: int, opts: ValueOptions, average_init: bool,
+              overrides: dict[str, torch.Tensor] | None, progress: Callable[..., Any], fast: bool) -> Values:
     n = len(specs)
     device = next(model.parameters()).device
     rows: list[Row] = []
