@@ -156,7 +156,7 @@ class Study:
         n = self.args.single_n
         for editor in self.args.editors:
             for regs in REGS:
-                tag = f"single/{editor}/{'+'.join(regs) or 'none'}"
+                tag = f"single/{editor}/{_reg_tag(regs)}"
 
                 def run(editor=editor, regs=regs):
                     accs = []
@@ -181,31 +181,27 @@ class Study:
         n = self.args.seq_n
         for editor in self.args.editors:
             for regs in REGS:
-                tag = f"sequential/{editor}/{'+'.join(regs) or 'none'}/n{n}"
-                if tag in self.done and all(f"{tag}/tasks/seed{s}" in self.done for s in self.args.seed_list):
-                    continue
-                self.fresh()
-                res = self.edited(editor, regs, [[s] for s in self.specs[:n]], at=DRIFT_AT)
-                res["token_acc"] = self.token_acc(self.specs[:n])
-                self.unit(tag, lambda res=res: res)
-                for seed in self.args.seed_list:
-                    self.unit(f"{tag}/tasks/seed{seed}", lambda seed=seed: {"tasks": self.tasks(seed)})
-                self.restore()
+                self.measured(f"sequential/{editor}/{_reg_tag(regs)}/n{n}", editor, regs,
+                              [[s] for s in self.specs[:n]], at=DRIFT_AT)
 
     def batch(self) -> None:
         for editor in [e for e in self.args.editors if e in ("memit", "mend")]:
             for size in (10, 50, 100):
                 for regs in REGS:
-                    tag = f"batch/{editor}/{'+'.join(regs) or 'none'}/b{size}"
-                    if tag in self.done and all(f"{tag}/tasks/seed{s}" in self.done for s in self.args.seed_list):
-                        continue
-                    self.fresh()
-                    res = self.edited(editor, regs, [self.specs[:size]])
-                    res["token_acc"] = self.token_acc(self.specs[:size])
-                    self.unit(tag, lambda res=res: res)
-                    for seed in self.args.seed_list:
-                        self.unit(f"{tag}/tasks/seed{seed}", lambda seed=seed: {"tasks": self.tasks(seed)})
-                    self.restore()
+                    self.measured(f"batch/{editor}/{_reg_tag(regs)}/b{size}", editor, regs, [self.specs[:size]])
+
+    def measured(self, tag: str, editor: str, regs, batches: list[list], at=()) -> None:
+        """Edit ``batches`` in order, then token accuracy on all their edits (unit ``tag``) and the
+        tasks per seed (``tag/tasks/seedN``); the model is restored afterwards."""
+        if tag in self.done and all(f"{tag}/tasks/seed{s}" in self.done for s in self.args.seed_list):
+            return
+        self.fresh()
+        res = self.edited(editor, regs, batches, at=at)
+        res["token_acc"] = self.token_acc([s for b in batches for s in b])
+        self.unit(tag, lambda: res)
+        for seed in self.args.seed_list:
+            self.unit(f"{tag}/tasks/seed{seed}", lambda seed=seed: {"tasks": self.tasks(seed)})
+        self.restore()
 
     def sweep(self) -> None:
         from kedit import diff as diffmod
@@ -233,6 +229,10 @@ class Study:
                     out[str(k)] = {m: sum(a[m] * n for a, n in accs) / total for m in accs[0][0]}
                 return {"groups": len(groups), "edits": sum(len(g) for g in groups), "keep": out}
             self.unit(tag, run)
+
+
+def _reg_tag(regs) -> str:
+    return "+".join(regs) or "none"
 
 
 def _mean(xs) -> float:

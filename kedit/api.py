@@ -199,6 +199,10 @@ class Editor(ABC):
              options: Any, context: EditContext) -> dict[str, Any]:
         ...
 
+    def resolve_training(self, options: Any, model: "torch.nn.Module") -> Any:
+        """Fill training options left unset for this model (as :meth:`resolve` does for editing)."""
+        return options
+
     def train(self, model: "torch.nn.Module", tokenizer: Any, specs: list[EditSpec], options: Any,
               context: "TrainContext") -> dict[str, "torch.Tensor"]:
         """Train what :meth:`edit` will read and return its tensors; the host writes them as an

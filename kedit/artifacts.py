@@ -9,13 +9,13 @@ artifact's sha256 (its provenance stays complete).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from .cache import file_sha256  # noqa: F401  (re-exported: artifacts are named by it)
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -43,14 +43,6 @@ def base_record(model: "torch.nn.Module", tokenizer: Any, names: list[str]) -> d
 
     return {"model_type": model.config.model_type, "tokenizer_sha256": tokenizer_sha256(tokenizer),
             "tensors": {n: tensor_sha256(model.get_parameter(n)) for n in sorted(names)}}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, "torch.Tensor"], meta: Mapping[str, Any]) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,15 @@ def _pick_data(cls: type, name: str, data: Sequence[str]) -> str:
     if len(pick) != 1:
         raise InputError(f"several --data paths given; say which one {name!r} reads with {name}:data=PATH")
     return pick[0]
+
+
+def sample_indices(n: int, sample: int | None, seed: int, task: str) -> list[int]:
+    """Record indices of a data-set evaluator's sample: all of them, or ``sample`` drawn with the
+    evaluation seed and the task's name (so each task's draw is independent), in file order."""
+    idx = list(range(n))
+    if sample is not None and sample < n:
+        idx = sorted(random.Random(f"{seed}:{task}").sample(idx, sample))
+    return idx
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

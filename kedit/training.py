@@ -10,7 +10,6 @@ same identity; the folder goes once the artifact is written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -80,14 +79,14 @@ def train(editor: str, data: str | Path, out: str | Path, loaded: Any, options: 
     model, tokenizer, source = loaded
     specs, data_sha = read_training_data(data, importer)
     instance = entry.obj()
-    if hasattr(instance, "resolve_training"):
-        opts = instance.resolve_training(opts, model)
+    opts = instance.resolve_training(opts, model)
     options_json = opts.model_dump(mode="json")
+    from .evaluate import model_fingerprint
     from .hashing import json_sha256, tokenizer_sha256
 
     run_key = json_sha256({"editor": editor, "options": options_json, "data": data_sha, "seed": seed,
                            "tokenizer": tokenizer_sha256(tokenizer),
-                           "weights": _weights_digest(model)})
+                           "weights": model_fingerprint(model)})
     partial = out.with_name(out.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
 
@@ -114,17 +113,6 @@ def train(editor: str, data: str | Path, out: str | Path, loaded: Any, options: 
     artifacts.write(out, tensors, meta)
     shutil.rmtree(partial, ignore_errors=True)
     return {"artifact": str(out), "sha256": artifacts.file_sha256(out), **meta}
-
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    """A content digest of every parameter (a few seconds on a 135M model, once per run)."""
-    from .hashing import tensor_sha256
-
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(tensor_sha256(p).encode())
-    return h.hexdigest()
 
 
 def _editors() -> dict[str, Any]:

@@ -7,7 +7,6 @@ records ``{"prompt": ..., "choices": [...], "answer": index}`` is read as a gene
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -102,11 +101,10 @@ def load_items(path: Path, fmt: Callable[[dict[str, Any]], Item], sample: int | 
     records = read_json(path)
     if not isinstance(records, list) or not records:
         raise InputError(f"glue: {path}: expected a non-empty JSON list of records")
-    idx = list(range(len(records)))
-    if sample is not None and sample < len(records):
-        idx = sorted(random.Random(f"{seed}:{task}").sample(idx, sample))
+    from kedit.evaluate import sample_indices
+
     items = []
-    for i in idx:
+    for i in sample_indices(len(records), sample, seed, task):
         try:
             prompt, options, answer = fmt(records[i])
         except (KeyError, ValueError, TypeError, IndexError) as exc:

@@ -25,7 +25,6 @@ difference is recorded in ``info``:
 """
 from __future__ import annotations
 
-import random
 import re
 import string
 from dataclasses import dataclass
@@ -254,11 +253,10 @@ def load_items(task: str, path: Path, sample: int | None, seed: int) -> list[Ite
     records = read_records(path)
     if not records:
         raise InputError(f"rect-tasks: {path}: no records")
-    idx = list(range(len(records)))
-    if sample is not None and sample < len(records):
-        idx = sorted(random.Random(f"{seed}:{task}").sample(idx, sample))
+    from kedit.evaluate import sample_indices
+
     items = []
-    for i in idx:
+    for i in sample_indices(len(records), sample, seed, task):
         try:
             items.append(TASKS[task].read(records[i]))
         except (KeyError, ValueError, TypeError, IndexError) as exc:
