@@ -362,10 +362,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
             argv = args.argv[:i] + args.argv[i + 2:]
         return distributed.relaunch(args.nproc, argv)
     distributed.join(config.placement()["device"])
-    model, tok, _ = load(config.model, progress=config.progress(), **config.placement())
-    stats = config.stats_provider()
-    stats.second_moment(model, tok, parse_layers(args.layers, model.config))
-    if distributed.rank_and_size()[0] != 0:
+    try:
+        model, tok, _ = load(config.model, progress=config.progress(), **config.placement())
+        stats = config.stats_provider()
+        stats.second_moment(model, tok, parse_layers(args.layers, model.config))
+        rank = distributed.rank_and_size()[0]
+    finally:
+        distributed.leave()
+    if rank != 0:
         return 0
     if args.json:
         _print_json({"layers": {str(k): v for k, v in stats.last.items()}, "record": stats.record()})

@@ -58,6 +58,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave() -> None:
+    """Leave the process group cleanly: wait for every rank, then tear gloo down.
+
+    A rank that exits while another still holds gloo's pair connections can abort in C++
+    ("terminate called without an active exception"), so every rank meets here first.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def relaunch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``kedit ARGV`` as ``nproc`` processes under torchrun; returns its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kedit.arch import arch_for
+from kedit.distributed import leave
 from kedit.stats import accumulate
 from kedit.testing import tiny_model
 
@@ -26,7 +27,7 @@ def _rank(rank: int, size: int, init: str, out: str) -> None:
         if rank == 0:
             torch.save({"moments": moments, "count": count}, out)
     finally:
-        dist.destroy_process_group()
+        leave()
 
 
 class _Bar:
