@@ -68,6 +68,48 @@ def run_config(args: argparse.Namespace) -> Any:
                      device_map=getattr(args, "device_map", None))
 
 
+def distributed_command(cmd):
+    """Wrap a command that may run as several processes (``--nproc N``, or started by torchrun).
+
+    ``--nproc N`` outside torchrun re-runs the same command line under torchrun. Inside it every
+    rank joins the process group, runs the command, and leaves; ranks other than 0 show no
+    progress and print nothing (rank 0 alone writes files and caches). A rank that fails leaves
+    without waiting for the others, so torchrun stops them instead of them waiting forever.
+    """
+    import contextlib
+    import functools
+    import io
+
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace) -> int:
+        from . import distributed
+
+        nproc = getattr(args, "nproc", 1) or 1
+        if nproc > 1 and not distributed.in_torchrun():
+            argv = [a for a in args.argv if not a.startswith("--nproc=")]
+            if "--nproc" in argv:  # the "--nproc N" form: drop its value too
+                i = argv.index("--nproc")
+                argv = argv[:i] + argv[i + 2:]
+            return distributed.relaunch(nproc, argv)
+        if not distributed.in_torchrun():
+            return cmd(args)
+        distributed.join(run_config(args).placement()["device"])
+        ok = False
+        try:
+            if distributed.is_writer():
+                code = cmd(args)
+            else:
+                args.quiet = True
+                with contextlib.redirect_stdout(io.StringIO()):
+                    code = cmd(args)
+            ok = True
+            return code
+        finally:
+            distributed.leave(wait=ok)
+    return run
+
+
+@distributed_command
 def cmd_apply(args: argparse.Namespace) -> int:
     from .config import EditJob
     from .options import parse_pairs
@@ -145,10 +187,12 @@ def _print_metrics(result: dict[str, Any]) -> None:
         print(f"  {ev}: {protocol}")
 
 
+@distributed_command
 def cmd_eval(args: argparse.Namespace) -> int:
     import contextlib
 
     from .atomic import atomic_write_text
+    from .distributed import is_writer
     from .outputs import claimed
     from .workflows import eval_model
 
@@ -156,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.out:
             stack.enter_context(claimed(args.out, inputs=[*args.diff, args.specs], overwrite=args.overwrite))
         result = eval_model(run_config(args), args.diff, args.specs, label=args.label)
-        if args.out:
+        if args.out and is_writer():
             atomic_write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     if args.json:
         _print_json(result)
@@ -344,6 +388,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+@distributed_command
 def cmd_stats(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -355,21 +400,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not args.layers:
         raise InputError("stats compute needs --layers, e.g. --layers 3,4,5,6,7 (all layers at once is rarely wanted)")
     config = replace(run_config(args), stats=StatsConfig(args.corpus, args.tokens, args.max_len, args.batch_size))
-    if args.nproc > 1 and not distributed.in_torchrun():
-        argv = [a for a in args.argv if not a.startswith("--nproc")]
-        if "--nproc" in args.argv:  # the "--nproc N" form: drop its value too
-            i = args.argv.index("--nproc")
-            argv = args.argv[:i] + args.argv[i + 2:]
-        return distributed.relaunch(args.nproc, argv)
-    distributed.join(config.placement()["device"])
-    try:
-        model, tok, _ = load(config.model, progress=config.progress(), **config.placement())
-        stats = config.stats_provider()
-        stats.second_moment(model, tok, parse_layers(args.layers, model.config))
-        rank = distributed.rank_and_size()[0]
-    finally:
-        distributed.leave()
-    if rank != 0:
+    model, tok, _ = load(config.model, progress=config.progress(), **config.placement())
+    stats = config.stats_provider()
+    stats.second_moment(model, tok, parse_layers(args.layers, model.config))
+    if not distributed.is_writer():
         return 0
     if args.json:
         _print_json({"layers": {str(k): v for k, v in stats.last.items()}, "record": stats.record()})
@@ -406,6 +440,12 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
                    "a diff records the dtype it was computed against")
     p.add_argument("--device-map", choices=["auto"], help="spread a model too large for one device over all of them "
                    "(accelerate); placement then ignores --device")
+
+
+def _nproc_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help=f"processes (torch.distributed; gloo on the CPU, nccl on CUDA, one GPU per process): {what}; "
+                   "rank 0 alone writes and prints (also under `torchrun --nproc-per-node N -m kedit …`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -460,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable results (progress stays on stderr)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     _placement_args(p)
+    _nproc_arg(p, "key statistics, the target values of a batch edit (by chunks of v_chunk requests) and the "
+               "evaluation's scoring split over them, with the one-process diff as the result")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("eval", help="run evaluators on a model, with diffs applied and without")
@@ -481,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     _placement_args(p)
+    _nproc_arg(p, "the scorer's batches and perplexity's windows split over them, the numbers one process's")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="Markdown/HTML report with tables and PNG plots from result JSON files")
@@ -558,9 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=positive_int, help="tokens per packed row (default: 256, or the model's context)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward batch (default: 16)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the model-sampled corpus")
-    p.add_argument("--nproc", type=positive_int, default=1, help="processes (torch.distributed; gloo on the CPU, "
-                   "nccl on CUDA): each takes a disjoint share of the corpus and the float64 sums are all-reduced, "
-                   "so the result and its cache entry are one process's (also under `torchrun … -m kedit`)")
+    _nproc_arg(p, "each takes a disjoint share of the corpus and the float64 sums are all-reduced, so the "
+               "result and its cache entry are one process's")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     _placement_args(p)

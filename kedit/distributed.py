@@ -1,4 +1,12 @@
-"""torch.distributed for the work that splits cleanly over processes (key statistics today).
+"""torch.distributed for the work that splits cleanly over processes.
+
+Three kinds of work split today, each in units that one process computes in exactly the same
+way, so the gathered result equals one process's (bit for bit where the units' arithmetic is
+the same; key statistics to float64 summation order): key statistics (batches of the corpus),
+teacher-forced scoring and perplexity in ``kedit eval`` and in an edit's evaluation (the
+scorer's batches), and the target-value optimisation of a batch edit (chunks of ``v_chunk``
+requests, whose losses are separable). Everything else (keys, solves, generation) runs
+identically on every rank.
 
 kedit starts nothing itself: ``--nproc N`` re-runs the same command under ``torchrun`` (the
 ``torch.distributed.run`` module), and a command that finds torchrun's environment joins the
@@ -11,7 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def in_torchrun() -> bool:
@@ -51,6 +59,35 @@ def all_reduce_sum(tensors: Sequence["torch.Tensor"]) -> None:  # noqa: F821
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def is_writer() -> bool:
+    """Whether this process writes outputs and caches and prints (rank 0, or no process group)."""
+    return rank_and_size()[0] == 0
+
+
+def my_share(n: int) -> list[int]:
+    """The indices of ``n`` work units this rank computes: every size-th, starting at its rank."""
+    rank, size = rank_and_size()
+    return list(range(n))[rank::size]
+
+
+def gather(local: dict[int, Any], n: int) -> list[Any]:
+    """Every rank's ``{unit index: result}`` merged into the list of all ``n`` results, on every
+    rank (results travel pickled, tensors included; fine for per-row scores and per-chunk values)."""
+    import torch.distributed as dist
+
+    if rank_and_size()[1] == 1:
+        return [local[i] for i in range(n)]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict[int, Any] = {}
+    for part in parts:
+        merged.update(part)
+    missing = [i for i in range(n) if i not in merged]
+    if missing:
+        raise RuntimeError(f"distributed gather: units {missing[:5]} computed by no rank")
+    return [merged[i] for i in range(n)]
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -58,16 +95,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def leave() -> None:
-    """Leave the process group cleanly: wait for every rank, then tear gloo down.
+def leave(wait: bool = True) -> None:
+    """Leave the process group: wait for every rank (``wait``), then tear it down.
 
     A rank that exits while another still holds gloo's pair connections can abort in C++
-    ("terminate called without an active exception"), so every rank meets here first.
+    ("terminate called without an active exception"), so ranks that finished meet here first;
+    a rank that failed passes ``wait=False`` and leaves at once (its peers may never arrive).
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
+        if wait and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
 

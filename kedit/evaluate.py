@@ -229,7 +229,9 @@ class Evaluation:
                                    f"specs, then read from {path.parent}")
             run = self._call(c, model, tok, scorer, None, with_reference=True)
             self.base_runs[c.name] = run
-            if self.use_cache:
+            from .distributed import is_writer
+
+            if self.use_cache and is_writer():  # every rank holds the same run; rank 0 caches it
                 r = run.result
                 buf = io.BytesIO()
                 torch.save({"result": {"metrics": r.metrics, "samples": r.samples, "info": r.info},

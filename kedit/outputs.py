@@ -45,8 +45,13 @@ def check_output(out: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] 
 def claimed(out: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (), overwrite: bool = False,
             flag: str = "--out", folder: bool = False) -> Iterator[Path]:
     """Hold ``out`` for the block (see :func:`check_output`), so a second writer stops at once."""
+    from .distributed import is_writer
+
     out = Path(out)
     if folder:  # a path under a file cannot hold a lock file beside it: refuse it first
         check_output(out, overwrite=overwrite, flag=flag, folder=True)
+    if not is_writer():  # torchrun's other ranks check the same input, and rank 0 alone holds and writes it
+        yield check_output(out, inputs=inputs, overwrite=overwrite, flag=flag, folder=folder)
+        return
     with exclusive(out, f"the output {out.name}"):
         yield check_output(out, inputs=inputs, overwrite=overwrite, flag=flag, folder=folder)

@@ -185,8 +185,23 @@ class TeacherForced:
             cur.append(i)
         if cur:
             batches.append(cur)
+        from .distributed import gather, my_share, rank_and_size
+
+        if rank_and_size()[1] > 1:  # ranks score every size-th batch, then all hold every row's result
+            mine = my_share(len(batches))
+            local: dict[int, list[tuple[int, list[int], torch.Tensor]]] = {b: [] for b in mine}
+            self._batches([batches[b] for b in mine], rows, wanted, device, pad,
+                          lambda k, i, pos, lp: local[mine[k]].append((i, pos, lp)))
+            for part in gather(local, len(batches)):
+                for i, pos, lp in part:
+                    take(i, pos, lp)
+            return
+        self._batches(batches, rows, wanted, device, pad, lambda _k, i, pos, lp: take(i, pos, lp))
+
+    def _batches(self, batches: list[list[int]], rows: list[list[int]], wanted: list[list[int]], device: Any,
+                 pad: int, take: Callable[[int, int, list[int], torch.Tensor], None]) -> None:
         it = self.progress(batches, desc="scoring", unit="batch") if self.progress else batches
-        for batch in it:
+        for k, batch in enumerate(it):
             width = max(len(rows[i]) for i in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -198,7 +213,7 @@ class TeacherForced:
             col = {q: n for n, q in enumerate(keep)}
             for r, i in enumerate(batch):
                 sel = logits[r, [col[q] for q in wanted[i]]].float()
-                take(i, wanted[i], torch.log_softmax(sel, dim=-1).cpu())
+                take(k, i, wanted[i], torch.log_softmax(sel, dim=-1).cpu())
 
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
         """Logits at positions ``keep`` only, through ``logits_to_keep`` where the model takes it;
@@ -230,18 +245,23 @@ def window_nll(model: torch.nn.Module, tokenizer: Any, text: str, window: int = 
     device = next(model.parameters()).device
     chunks = [ids[i:i + window] for i in range(0, len(ids), window)]
     chunks = [c for c in chunks if len(c) >= 2]
-    out: list[tuple[float, int]] = []
-    i = 0
+    spans, i = [], 0
     while i < len(chunks):
         j = i + 1
         while j < len(chunks) and j - i < batch_size and len(chunks[j]) == len(chunks[i]):
             j += 1
+        spans.append((i, j))
+        i = j
+    from .distributed import gather, my_share
+
+    local: dict[int, list[tuple[float, int]]] = {}
+    for b in my_share(len(spans)):  # under torchrun each rank runs every size-th batch
+        i, j = spans[b]
         x = torch.tensor(chunks[i:j], device=device)
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").sum(-1)
-        out += [(float(v), x.shape[1] - 1) for v in nll]
-        i = j
-    return out
+        local[b] = [(float(v), x.shape[1] - 1) for v in nll]
+    return [w for part in gather(local, len(spans)) for w in part]
 
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, text: str, window: int = 512,

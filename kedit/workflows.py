@@ -58,8 +58,14 @@ def apply(job: EditJob, config: RunConfig | None = None) -> dict[str, Any]:
     nothing is written unless the edit succeeds. Evaluators named in ``config.evaluators`` run
     before and after; their summary goes into the result and the manifest.
     """
+    from .distributed import rank_and_size
+
     config = config or RunConfig()
     if job.sequential:
+        if rank_and_size()[1] > 1:
+            raise InputError("sequential editing (--mode sequential, --continue) runs in one process: each step "
+                             "depends on the last, and only a batch edit's target values split over processes; "
+                             "drop --nproc (or run it outside torchrun)")
         return _apply_sequence(job, config)
     return _apply_batch(job, config)
 
@@ -112,10 +118,18 @@ def _edit_batch(job: EditJob, config: RunConfig, specs: list[EditSpec]) -> dict[
 def _write_new(diff: diffmod.Diff, job: EditJob, default: Path) -> Path:
     """Write ``diff`` to ``--out`` (claimed by the caller) or to its default, id-named path,
     where an existing file holds the same edit (the name carries the id)."""
+    from .distributed import barrier, is_writer
+
+    if not is_writer():  # under torchrun rank 0 writes; the others wait until the file is there
+        barrier()
+        return Path(job.out) if job.out is not None else default
     if job.out is not None:
-        return diffmod.write(diff, job.out)
-    with exclusive(default, f"the output {default.name}"):
-        return diffmod.write(diff, default)
+        path = diffmod.write(diff, job.out)
+    else:
+        with exclusive(default, f"the output {default.name}"):
+            path = diffmod.write(diff, default)
+    barrier()
+    return path
 
 
 def _chain_run(chain: Any, config: RunConfig) -> tuple[dict[str, Any], RunConfig]:

@@ -56,12 +56,18 @@ def optimize(model: torch.nn.Module, tok: Any, arch: ArchSpec, specs: Sequence[E
     With ``opts.v_chunk`` the requests run ``v_chunk`` at a time: the losses are separable and
     Adam is elementwise, so this is the same optimisation with a fraction of the memory (the
     activations kept for the backward pass grow with the requests in flight); only the float32
-    rounding of the batched products can differ."""
-    chunk = opts.v_chunk
-    if chunk is None or len(specs) <= chunk:
+    rounding of the batched products can differ. The chunks are also the unit that ranks share
+    under torch.distributed, so there the result is the one process's, bit for bit."""
+    from kedit.distributed import gather, my_share
+
+    chunk = opts.v_chunk or len(specs)
+    starts = list(range(0, len(specs), chunk))
+    if len(starts) <= 1:
         return _optimize(model, tok, arch, specs, templates, site, layer, opts, average_init, overrides, progress, fast)
-    parts = [_optimize(model, tok, arch, specs[i:i + chunk], templates, site, layer, opts, average_init, overrides,
-                       progress, fast) for i in range(0, len(specs), chunk)]
+    # under torchrun each rank optimises every size-th chunk; one process computes them all alike
+    mine = {u: _optimize(model, tok, arch, specs[starts[u]:starts[u] + chunk], templates, site, layer, opts,
+                         average_init, overrides, progress, fast) for u in my_share(len(starts))}
+    parts = gather(mine, len(starts))
     return Values(torch.cat([p.z for p in parts]), torch.cat([p.v_init for p in parts]),
                   [x for p in parts for x in p.steps], [x for p in parts for x in p.nll],
                   [x for p in parts for x in p.stopped])
