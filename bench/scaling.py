@@ -57,7 +57,7 @@ def main() -> None:
                         str(DATA / "counterfact" / "counterfact-train.json"), "-o", str(specs),
                         "--limit", str(args.edits)], check=True, capture_output=True)
     layers = "4,5,6,7,8"
-    wiki = str(DATA / "wikipedia")
+    wiki = str(DATA / "wikipedia" / "enwiki_sample_plaintext.jsonl")
     tasks = {
         "stats": ["stats", "compute", "--layers", layers, "--corpus", wiki, "--tokens", str(args.stats_tokens)],
         "memit": ["apply", str(specs), "--plugin", "memit", "--corpus", wiki, "--stats-tokens",

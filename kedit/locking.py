@@ -100,6 +100,30 @@ def exclusive(target: str | os.PathLike, what: str, folder: bool = False) -> Ite
         os.close(fd)
 
 
+@contextlib.contextmanager
+def waiting(target: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock beside ``target`` for the block, waiting for another holder to finish: for
+    shared caches that several processes (torchrun's ranks, parallel runs) may fill at once, where
+    the second should use the first's result instead of stopping or redoing it."""
+    file = lock_file_for(Path(target))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the holder before us removes the file on its way out: then lock the new one instead
+            same = os.stat(file).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(file)
+        os.close(fd)
+
 
 def is_locked(path: Path) -> bool:
     """Whether some live process holds an flock on ``path`` (a file or a folder)."""

@@ -80,6 +80,15 @@ def _cached_gguf_folder(gguf: Path, progress: Progress) -> tuple[Path, str]:
     """The verified fp32 copy of ``gguf``, made (or remade, if damaged) first when needed."""
     digest = file_sha256(gguf)
     folder = gguf_cache_folder(gguf, digest)
+    if folder.exists() and verify_folder(folder) is None:
+        return folder, digest
+    from .locking import waiting
+
+    with waiting(folder):  # processes started together (torchrun's ranks) convert once, the others wait
+        return _convert_once(gguf, folder, digest, progress)
+
+
+def _convert_once(gguf: Path, folder: Path, digest: str, progress: Progress) -> tuple[Path, str]:
     sweep(folder.parent)  # a conversion killed half-way left hundreds of MB in a temporary folder
     if folder.exists():
         problem = verify_folder(folder)

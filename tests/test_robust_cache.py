@@ -159,6 +159,37 @@ def test_a_damaged_gguf_cache_is_rebuilt_with_a_warning_never_used(fake_gguf, da
     assert source.kind == "gguf" and model.config.model_type == "llama"
 
 
+def test_processes_that_start_together_convert_the_gguf_once(fake_gguf, monkeypatch, tmp_path):
+    """torchrun's ranks on a fresh cache: the first converts, the others wait and use its folder
+    (before, the second replaced the first's folder while the first was reading it)."""
+    import multiprocessing
+    import time
+
+    slow, log = M._dequantize, tmp_path / "conversions"
+
+    def dequantize(path, folder, progress):
+        with open(log, "a") as fh:
+            fh.write("converted\n")
+        time.sleep(0.5)
+        slow(path, folder, progress)
+
+    monkeypatch.setattr(M, "_dequantize", dequantize)
+    ctx = multiprocessing.get_context("fork")  # the children keep this test's patches
+    procs = [ctx.Process(target=_convert_and_check, args=(str(fake_gguf.path),)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert log.read_text().count("converted") == 1
+
+
+def _convert_and_check(path: str) -> None:
+    folder, _ = M._cached_gguf_folder(Path(path), reporter()[0])
+    if C.verify_folder(folder) is not None or not (folder / "config.json").is_file():
+        raise SystemExit(1)
+
+
 def test_a_cache_from_before_content_records_is_rebuilt_once(fake_gguf):
     folder, _ = M._cached_gguf_folder(fake_gguf.path, reporter()[0])
     (folder / C.RECORD).unlink()  # as an older kedit left it
