@@ -93,6 +93,11 @@ def distributed_command(cmd):
             return distributed.relaunch(nproc, argv)
         if not distributed.in_torchrun():
             return cmd(args)
+        from .models import resolve
+
+        # before the process group exists: transformers' save_pretrained writes nothing on ranks
+        # other than 0 once it does, and any rank may be the one that fills the model cache
+        resolve(getattr(args, "model", None))
         distributed.join(run_config(args).placement()["device"])
         ok = False
         try:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from .atomic import atomic_dir, sweep
 from .cache import cache_root, file_sha256, has_record, verify_folder, write_record
-from .errors import InputError
+from .errors import InputError, KeditError
 from .loadcheck import brief
 from .progress import SILENT, Progress
 
@@ -125,6 +125,9 @@ def _dequantize(gguf: Path, folder: Path, progress: Progress) -> None:
         with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            if not (tmp / "config.json").is_file():  # e.g. saved on a torch.distributed rank other than 0
+                raise KeditError(f"converting {gguf.name}: transformers wrote no model files into {folder}; "
+                                 "nothing was cached")
             write_record(tmp)  # last: a folder with a record is complete
 
 
