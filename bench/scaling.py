@@ -65,24 +65,28 @@ def main() -> None:
         "eval": ["eval", "--specs", str(specs), "--evaluator", "counterfact,token-acc,perplexity", "--data",
                  str(DATA / "wikitext2" / "wiki.test.raw"), "--no-cache"],
     }
-    for task, argv in tasks.items():
-        for n in counts:
-            key = f"{task}@{n}"
-            if args.report or (key in results and not args.redo):
-                continue
-            cache = work / f"cache{n}"
-            if task == "memit":  # statistics ahead of time, so the row times the edit alone
-                kedit(tasks["stats"], cache)
-            out = ["--out", str(work / f"{task}{n}.kedit.safetensors")] if task == "memit" else []
-            res, secs = kedit(argv + out + (["--nproc", str(n)] if n > 1 else []), cache)
-            digest = {"stats": lambda r: {k: v["file"].rsplit("/", 1)[-1] for k, v in r["layers"].items()},
-                      "memit": lambda r: r["id"],
-                      "eval": lambda r: r["metrics"]}[task](res)
-            results[key] = {"seconds": round(secs, 2), "result": digest, "threads_per_process": max(1, cores // n),
-                            "when": time.strftime("%Y-%m-%d %H:%M")}
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-            print(f"{key}: {secs:.1f} s", file=sys.stderr)
+    runs = [(task, n, None) for task in tasks for n in counts]
+    if max(counts) > 1:  # one process with the threads of one of N: the same arithmetic, so the same diff id
+        runs.append(("memit", 1, max(1, cores // max(counts))))
+    for task, n, threads in runs:
+        argv = tasks[task]
+        key = f"{task}@{n}" + (f"x{threads}t" if threads else "")
+        if args.report or (key in results and not args.redo):
+            continue
+        cache = work / f"cache{n}"
+        if task == "memit":  # statistics ahead of time, so the row times the edit alone
+            kedit(tasks["stats"], cache)
+        out = ["--out", str(work / f"{key}.kedit.safetensors")] if task == "memit" else []
+        res, secs = kedit(argv + out + (["--nproc", str(n)] if n > 1 else []), cache, threads)
+        digest = {"stats": lambda r: {k: v["file"].rsplit("/", 1)[-1] for k, v in r["layers"].items()},
+                  "memit": lambda r: r["id"],
+                  "eval": lambda r: r["metrics"]}[task](res)
+        results[key] = {"seconds": round(secs, 2), "result": digest,
+                        "threads_per_process": threads or max(1, cores // n),
+                        "when": time.strftime("%Y-%m-%d %H:%M")}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        print(f"{key}: {secs:.1f} s", file=sys.stderr)
     print(f"| work | " + " | ".join(f"{n} process{'es' if n > 1 else ''}" for n in counts) + " | speed-up | equal |")
     print("|---|" + "---|" * (len(counts) + 2))
     what = {"stats": f"key statistics, 5 layers, {args.stats_tokens:,} tokens (incl. model load)",
@@ -95,6 +99,14 @@ def main() -> None:
         equal = all(g["result"] == got[0]["result"] for g in got)
         print(f"| {what[task]} | " + " | ".join(f"{g['seconds']:.1f} s" for g in got) +
               f" | {got[0]['seconds'] / got[-1]['seconds']:.2f}× | {'yes' if equal else 'NO'} |")
+        for key, r in results.items():
+            if key.startswith(f"{task}@1x") and got[-1]:
+                same = r["result"] == got[-1]["result"]
+                print(f"| {what[task]}, 1 process at {r['threads_per_process']} thread(s) | {r['seconds']:.1f} s | "
+                      f"{got[-1]['seconds']:.1f} s | {r['seconds'] / got[-1]['seconds']:.2f}× | "
+                      f"{'yes' if same else 'NO'} |")
+    print(f"\n({cores} cores; one process runs {cores} threads, N processes {max(1, cores // max(counts))} each. "
+          "\"equal\": the same cache files, diff id or metrics.)")
 
 
 if __name__ == "__main__":
