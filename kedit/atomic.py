@@ -91,9 +91,33 @@ def sweep(folder: str | os.PathLike, again: bool = False) -> list[Path]:
     return removed
 
 
+def _umask_modes(folder: Path) -> None:
+    """Give what was written under ``folder`` the modes the umask gives new files and folders
+    (writers such as safetensors create files 0600)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, kind: str = "file") -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; it replaces ``target`` only if the block succeeds."""
+def atomic_path(target: str | os.PathLike, kind: str = "file", mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; it replaces ``target`` only if the block succeeds.
+
+    The file gets ``mode``, by default what the umask gives a new file (0644 under the usual
+    022), whatever the writer did: mkstemp and safetensors create files 0600, which would make
+    every diff, export and report unreadable to the people it is shared with."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep(target.parent)
@@ -104,6 +128,7 @@ def atomic_path(target: str | os.PathLike, kind: str = "file") -> Iterator[Path]
     try:
         try:
             yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_umask() if mode is None else mode)
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
         except OSError as exc:
@@ -130,10 +155,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep(target.parent, again=True)  # folders are written rarely and their orphans are large
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # as a plain mkdir would make it, not mkdtemp's 0700
     lock = _hold(tmp)
     try:
         try:
             yield tmp
+            _umask_modes(tmp)
         except OSError as exc:
             raise _disk_error(target, exc) from None
         if target.exists():

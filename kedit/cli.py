@@ -282,14 +282,62 @@ def cmd_list(args: argparse.Namespace) -> int:
             if getattr(r.obj, "primary", None):
                 item["primary"] = r.obj.primary
         out[name] = item
-    if args.json or args.options:
+    if args.json:
         _print_json(out)
+    elif args.options:
+        _print_options(out, args.command)
     else:
         width = max([len(i["package"]) for i in out.values()] + [7])
         for name, item in out.items():
             mark = " (default)" if item.get("default") else ""
             print(f"{name:<16} {item['package']:<{width}}  {item['doc']}{mark}")
     return 0
+
+
+def _print_options(listing: dict[str, Any], command: str) -> None:
+    """``kedit editors --options`` for people: per plugin its line, then one row per option
+    (name, type, default, the first sentence of its description); ``--json`` has everything."""
+    import shutil
+    import textwrap
+
+    width = shutil.get_terminal_size((100, 20)).columns
+    for name, item in listing.items():
+        print("\n".join(textwrap.wrap(f"{name} ({item['package']}): {item['doc']}", width, subsequent_indent="    ")))
+        for title, key in (("options", "options"), ("training options (`kedit train`)", "train_options")):
+            opts = item.get(key)
+            if not opts:
+                continue
+            if key == "train_options":
+                print(f"  {title}:")
+            rows = [(k, str(o["type"] or ""), "required" if o["required"] else _show_default(o["default"]),
+                     _first_sentence(o["description"]) + (f" (one of {', '.join(map(str, o['choices']))})"
+                                                          if o.get("choices") else ""))
+                    for k, o in opts.items()]
+            w = [max(len(r[i]) for r in rows + [("option", "type", "default", "")]) for i in range(3)]
+            indent = 2 + w[0] + w[1] + w[2] + 6
+            for r in rows:
+                marker = " *" if item.get("primary") == r[0] and key == "options" else ""
+                text = textwrap.wrap(r[3] + marker, max(30, width - indent)) or [""]
+                print(f"  {r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {text[0]}")
+                for more in text[1:]:
+                    print(" " * indent + more)
+        print()
+    print(f"(* the primary option, set by NAME:VALUE; `kedit {command} --options --json` gives the full schema)"
+          if any(i.get("primary") for i in listing.values()) else
+          f"(`kedit {command} --options --json` gives the full schema)")
+
+
+def _show_default(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 24 else text[:23] + "…"
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    for end in (". ", "; "):
+        if end in text:
+            return text[: text.index(end) + 1].rstrip(";") if end == ". " else text[: text.index(end)]
+    return text
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -337,6 +385,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
         results = wf.verify(args.diffs, args.model, trust, dtype=args.dtype)
         if args.json:
             _print_json(results)
+        elif any(r["independent"] for r in results):
+            print(f"these {len(results)} diffs are not one chain (none names another as its parent): each is verified "
+                  "against the model on its own; to apply several, squash or apply them one after another with --after")
         for r in results:
             if not args.json:
                 print(f"{r['diff']}: {r['status']}" + (f" — {r['reason']}" if "reason" in r else ""))

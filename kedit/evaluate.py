@@ -128,16 +128,48 @@ def options_key(options: Any) -> dict[str, Any]:
     return out
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float] | None:
-    """Normal-approximation 95% interval of a mean; None for fewer than two values."""
+def mean_ci(values: Sequence[float], change: bool = False) -> tuple[float, float] | None:
+    """95% interval of a mean that stays inside the values' range; None for fewer than two values.
+
+    Scores in [0, 1] (proportions, token accuracies) take Wilson's score interval at the sample
+    size whose binomial variance matches the observed one (for 0/1 values that is about n, i.e.
+    Wilson's interval itself); changes in [-1, 1] the same on (x + 1) / 2. The normal
+    approximation, which runs past 0 or 1 near the ends ([0.877, 1.04]), is left for unbounded
+    metrics. ``change``: the values are paired differences (edited − unedited), never read as
+    0/1 outcomes even when they all are 0 or 1."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     n = len(vals)
     if n < 2:
         return None
     mean = sum(vals) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    if not change and all(v in (0.0, 1.0) for v in vals):  # a proportion: Wilson's interval, also when all are equal
+        return _wilson(mean, math.sqrt(mean * (1 - mean)), n) if 0 < mean < 1 else _wilson_ends(mean, n)
+    if not change and min(vals) >= 0.0 and max(vals) <= 1.0:
+        return _wilson(mean, sd, n)
+    if min(vals) >= -1.0 and max(vals) <= 1.0:
+        lo, hi = _wilson((mean + 1) / 2, sd / 2, n)
+        return (2 * lo - 1, 2 * hi - 1)
     half = Z95 * sd / math.sqrt(n)
     return (mean - half, mean + half)
+
+
+def _wilson_ends(p: float, n: int) -> tuple[float, float]:
+    """Wilson's interval when every one of ``n`` trials came out the same (``p`` is 0 or 1)."""
+    z2 = Z95 * Z95
+    return (0.0, z2 / (n + z2)) if p == 0 else (n / (n + z2), 1.0)
+
+
+def _wilson(p: float, sd: float, n: int) -> tuple[float, float]:
+    """Wilson's interval for a mean ``p`` in [0, 1] whose standard error is ``sd / sqrt(n)``."""
+    se2 = sd * sd / n
+    if se2 == 0.0:
+        return (p, p)
+    n_eff = max(p * (1 - p) / se2, 1e-9)  # the binomial sample size with this standard error
+    z2 = Z95 * Z95
+    centre = (p + z2 / (2 * n_eff)) / (1 + z2 / n_eff)
+    half = Z95 * math.sqrt(p * (1 - p) / n_eff + z2 / (4 * n_eff * n_eff)) / (1 + z2 / n_eff)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _clean(x: Any) -> Any:
@@ -270,7 +302,7 @@ class Evaluation:
                 for k, after in e.result.samples.items():
                     before = b.result.samples.get(k)
                     if before is not None and len(before) == len(after):
-                        ci[k] = mean_ci([x - y for x, y in zip(after, before)])
+                        ci[k] = mean_ci([x - y for x, y in zip(after, before)], change=True)
             else:
                 for k, vals in b.result.samples.items():
                     ci[k] = mean_ci(vals)

@@ -258,6 +258,35 @@ def read_parsed(path: str | Path) -> Parsed:
     return parse_file(path, data)
 
 
+def method_label(manifest: Mapping[str, Any]) -> str:
+    """How a diff was made, in the command line's own syntax: ``memit + rect:0.4``; the editor
+    alone says too little where a regularizer changed the result."""
+    parts = [str((manifest.get("editor") or {}).get("name", "?"))]
+    for reg in manifest.get("regularizers") or []:
+        opts = {k: v for k, v in (reg.get("options") or {}).items() if v is not None}
+        order, defaults = _options_of("regularizers", reg["name"])
+        changed = {k: v for k, v in opts.items() if k not in defaults or defaults[k] != v}
+        primary = (order or list(opts) or [None])[0]  # the plugin's first option is the one NAME:VALUE sets
+        opts = changed or ({primary: opts[primary]} if primary in opts else dict(list(opts.items())[:1]))
+        if list(opts) == [primary]:
+            parts.append(f"{reg['name']}:{next(iter(opts.values()))}")
+        else:
+            parts.append(reg["name"] + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else ""))
+    return " + ".join(parts)
+
+
+def _options_of(kind: str, name: str) -> tuple[list[str], dict[str, Any]]:
+    """The installed plugin's option names in order and their defaults (nothing when it is not
+    installed)."""
+    try:
+        from .plugins import registry
+
+        fields = registry(kind)[name].obj.Options.model_fields
+    except Exception:  # noqa: BLE001 - a label never fails for want of the plugin
+        return [], {}
+    return list(fields), {k: f.default for k, f in fields.items() if f.default is not None}
+
+
 def summary(manifest: Mapping[str, Any], signatures: list[dict[str, Any]] | None = None) -> str:
     """Human-readable lines for ``kedit diff show``; ``signatures`` as :func:`parse_file` verified them."""
     m = manifest

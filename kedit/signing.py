@@ -349,7 +349,6 @@ def sign_file(path: str | os.PathLike, signer: Signer) -> dict[str, Any]:
     signed = len(text).to_bytes(8, "little") + text + data[parsed.body:]
     M.parse_file(path, signed)  # what will be written reads back, every signature verified
     mode = stat.S_IMODE(os.stat(path).st_mode)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=mode) as tmp:  # the file keeps its mode
         tmp.write_bytes(signed)
-        os.chmod(tmp, mode)
     return record

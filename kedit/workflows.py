@@ -294,8 +294,10 @@ def eval_model(config: RunConfig | None = None, diffs: Sequence[str | os.PathLik
     check_lengths(specs, tok, lm.config, spec_path)
     result = evaluate_chain(chosen, specs, lm, tok, chain, seed=config.seed, progress=progress,
                             use_cache=config.use_cache)
-    editors = sorted({(d.manifest.get("editor") or {}).get("name", "?") for d in chain})
-    return {"label": label or ("+".join(editors) if chain else "unedited"), "model": source.to_json(),
+    from .manifest import method_label
+
+    methods = list(dict.fromkeys(method_label(d.manifest) for d in chain))  # in chain order, once each
+    return {"label": label or (", ".join(methods) if chain else "unedited"), "model": source.to_json(),
             "diffs": [d.id for d in chain], "specs": len(specs), "seed": config.seed, **result}
 
 
@@ -321,8 +323,21 @@ def diff_dtype(diffs: Sequence[diffmod.Diff], dtype: str | None) -> str:
 def verify(paths: Sequence[str], model: str | None = None, trust: "Trust | None" = None,
            dtype: str | None = None) -> list[dict[str, Any]]:
     """Each diff's status against the model, applying earlier ones of the chain in memory, and
-    its signers (marked trusted or not with ``trust``)."""
-    diffs = load_chain(paths, trust)
+    its signers (marked trusted or not with ``trust``). Diffs that are not a chain and name none
+    of each other as parents are independent edits of one base: each is verified against the
+    model alone, and every result says so (``"independent": true``)."""
+    diffs = [diffmod.read(p) for p in paths]
+    for d in diffs:
+        if trust is not None:
+            trust.check(str(d.path), d.signatures)
+    independent = False
+    try:
+        diffmod.check_chain(diffs)
+    except InputError:
+        ids = {d.id for d in diffs}
+        if any(ids & set(d.manifest.get("parents", [])) for d in diffs):
+            raise  # parts of one chain, listed out of order: the error says how
+        independent = True
     lm, _, _ = load(model, dtype=diff_dtype(diffs, dtype))
     out = []
     for d in diffs:
@@ -330,11 +345,14 @@ def verify(paths: Sequence[str], model: str | None = None, trust: "Trust | None"
         try:
             st = diffmod.state(lm, d)
         except InputError as exc:
-            out.append({"diff": str(d.path), "id": d.id, "status": "refused", "reason": str(exc), "signatures": signed})
+            out.append({"diff": str(d.path), "id": d.id, "status": "refused", "reason": str(exc), "signatures": signed,
+                        "independent": independent})
+            if independent:
+                continue
             break
         out.append({"diff": str(d.path), "id": d.id, "status": "applies" if st == "base" else "already applied",
-                    "signatures": signed})
-        if st == "base":
+                    "signatures": signed, "independent": independent})
+        if st == "base" and not independent:
             diffmod.apply(lm, d)
     return out
 

@@ -130,10 +130,22 @@ def test_import_and_check(run_cli, workdir):
 def test_listing_commands(run_cli):
     code, out, _ = run_cli("plugins")
     assert code == 0 and any(p["package"] == "kedit" for p in json.loads(out))
-    code, out, _ = run_cli("editors", "--options")
+    code, out, _ = run_cli("editors", "--options", "--json")
     assert json.loads(out)["ft"]["options"]["steps"]["default"] == 25
-    code, out, _ = run_cli("regularizers", "--options")
+    code, out, _ = run_cli("regularizers", "--options", "--json")
     assert json.loads(out)["rect"]["primary"] == "k"
+    # without --json: a table per plugin, one line per option (long descriptions wrapped)
+    code, out, _ = run_cli("editors", "--options")
+    assert code == 0 and not out.lstrip().startswith("{")
+    lines = out.splitlines()
+    ft = lines.index(next(ln for ln in lines if ln.startswith("ft (kedit): ")))
+    steps = next(ln for ln in lines[ft:] if ln.lstrip().startswith("steps "))
+    assert steps.split()[:3] == ["steps", "integer", "25"]
+    assert len(lines) < 450 and all(len(ln) <= 100 for ln in lines)
+    mend = lines.index(next(ln for ln in lines if ln.startswith("mend (kedit): ")))
+    assert any("training options" in ln for ln in lines[mend:mend + 40])
+    code, out, _ = run_cli("regularizers", "--options")
+    assert code == 0 and any(ln.split()[:1] == ["k"] and ln.rstrip().endswith("*") for ln in out.splitlines())
 
 
 # --- bad input: one clear line, exit code 2, nothing written -----------------------------------
@@ -216,3 +228,24 @@ def test_chain_out_of_order_is_refused(run_cli, tiny_dirs, workdir):
     assert code == 0, err
     edited, _, _ = load("o")
     torch.testing.assert_close(edited.get_parameter(name).detach(), w + 0.03, rtol=0, atol=1e-6)
+
+
+def test_verify_of_independent_diffs_checks_each_against_the_model(run_cli, tiny_dirs, workdir):
+    """Two edits of one base that are not a chain: verify says so and verifies each on its own;
+    a chain listed out of order is still refused with the reason."""
+    model = __import__("kedit.testing", fromlist=["tiny_model"]).tiny_model("gpt2")
+    name = "transformer.h.1.mlp.c_proj.weight"
+    w = model.get_parameter(name).detach()
+    rec = {"base": {"name_or_path": str(tiny_dirs["gpt2"]), "model_type": "gpt2"}}
+    a = diffmod.build({name: w}, {name: torch.full_like(w, 0.01)}, rec)
+    b = diffmod.build({name: w}, {name: torch.full_like(w, -0.02)}, rec)
+    other = diffmod.build({name: w + 1}, {name: torch.full_like(w, 0.5)}, rec)  # made for another base
+    for d, f in ((a, "a"), (b, "b"), (other, "x")):
+        diffmod.write(d, workdir / f"{f}.kedit.safetensors")
+    code, out, err = run_cli("diff", "verify", "a.kedit.safetensors", "b.kedit.safetensors", "--model", tiny_dirs["gpt2"])
+    assert code == 0, err
+    assert "not one chain" in out and "a.kedit.safetensors: applies" in out and "b.kedit.safetensors: applies" in out
+    code, out, err = run_cli("diff", "verify", "a.kedit.safetensors", "x.kedit.safetensors", "b.kedit.safetensors",
+                             "--model", tiny_dirs["gpt2"], "--json")
+    assert code == 1, err
+    assert [r["status"] for r in json.loads(out)] == ["applies", "refused", "applies"]

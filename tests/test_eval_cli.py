@@ -44,6 +44,16 @@ def test_apply_eval_then_eval_then_report(run_cli, tiny_dirs, spec_file, workdir
     assert ev["base"]["counterfact"] == applied["base"]["counterfact"]
     assert ev["seconds"]["counterfact"]["base_cached"] is True
     assert ev["label"] == "ft"
+    from kedit.manifest import method_label
+
+    assert method_label({"editor": {"name": "memit"}, "regularizers": [{"name": "rect", "options": {"k": 0.4, "eps": 1e-8}}]}) \
+        == "memit + rect:0.4"
+    assert method_label({"editor": {"name": "memit"}, "regularizers": [{"name": "rect", "options": {"k": 0.2, "eps": 1e-8}}]}) \
+        == "memit + rect:0.2"
+    assert method_label({"editor": {"name": "memit"}, "regularizers": [{"name": "rect", "options": {"k": 0.4, "eps": 1e-5}}]}) \
+        == "memit + rect:eps=1e-05"
+    assert method_label({"editor": {"name": "x"}, "regularizers": [{"name": "not-installed", "options": {"a": 1, "b": 2}}]}) \
+        == "x + not-installed:a=1,b=2"
 
     # Without diffs: the model as it is, with an interval around each value.
     code, out, err = run_cli("eval", "--model", tiny_dirs["gpt2"], "--specs", spec_file, "--json",

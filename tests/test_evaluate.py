@@ -247,13 +247,29 @@ def test_cached_base_and_paired_interval(tok, tmp_path, monkeypatch):
     out = second.summary()
     # ES per spec: base (0, 0); edited (1 for Rome, 0 for Italy whose logit 0.5 < Paris 2).
     assert out["metrics"]["counterfact"]["ES"] == 0.5 and out["delta"]["counterfact"]["ES"] == 0.5
-    assert out["ci"]["counterfact"]["ES"] == list(mean_ci([1.0, 0.0]))
+    assert out["ci"]["counterfact"]["ES"] == list(mean_ci([1.0, 0.0], change=True))  # a paired change, in [-1, 1]
+    assert -1 <= out["ci"]["counterfact"]["ES"][0] < 0.5 < out["ci"]["counterfact"]["ES"][1] <= 1
     assert model_fingerprint(base) != model_fingerprint(edited)
 
 
 def test_mean_ci_and_split():
+    # 0/1 outcomes: Wilson's score interval (hand computation: p = 73/75, z = 1.959964)
+    z, p, n = 1.959964, 73 / 75, 75
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert mean_ci([1.0] * 73 + [0.0] * 2) == pytest.approx((centre - half, centre + half), rel=1e-6)
+    assert mean_ci([1.0] * 20) == pytest.approx((20 / (20 + z * z), 1.0), rel=1e-6)  # all the same: still an interval
     lo, hi = mean_ci([0.0, 1.0, 1.0, 0.0])
-    assert (lo + hi) / 2 == pytest.approx(0.5) and hi - lo == pytest.approx(2 * 1.959964 * math.sqrt(1 / 3) / 2, rel=1e-5)
+    assert (lo + hi) / 2 == pytest.approx(0.5) and 0 < lo < 0.5 < hi < 1
+    # the cases: a near-zero accuracy and a near-one score stay inside [0, 1]
+    near_zero = mean_ci([0.1, 0.0, 0.0, 0.3, 0.0, 0.0, 0.0, 0.15, 0.0, 0.0])
+    near_one = mean_ci([1.0] * 18 + [0.6, 0.9])
+    assert 0 <= near_zero[0] < 0.055 < near_zero[1] <= 1 and 0 <= near_one[0] < 0.975 < near_one[1] <= 1
+    # changes in [-1, 1] stay inside [-1, 1]; unbounded metrics keep the normal interval
+    assert -1 <= mean_ci([1.0] * 15 + [0.0])[0] and mean_ci([1.0] * 15 + [0.0])[1] <= 1
+    assert -1 <= mean_ci([-1.0] * 9 + [-0.5])[0]
+    lo, hi = mean_ci([3.0, 5.0, 4.0])
+    assert (lo, hi) == pytest.approx((4 - z * 1 / math.sqrt(3), 4 + z * 1 / math.sqrt(3)), rel=1e-6)
     assert mean_ci([1.0]) is None
     assert split_eval_list("counterfact,glue:sample=50,seed=1,fluency") == ["counterfact", "glue:sample=50,seed=1", "fluency"]
     assert macro_f1([0, 1, 1], [0, 1, 0], 2) == pytest.approx((2 / 3 + 2 / 3) / 2)

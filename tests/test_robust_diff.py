@@ -494,3 +494,26 @@ def test_sign_and_show_never_load_torch(workdir):
                           timeout=120, cwd=workdir)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"codes": [0, 0, 0], "torch": False}, proc.stderr
+
+
+def test_written_files_follow_the_umask_and_keys_stay_private(run_cli, tiny_dirs, workdir, spec_file):
+    """Diffs, exports and reports are shared on common machines: they get the user's umask, not
+    the 0600/0700 of temporary files; a private key stays 0600 whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli("apply", spec_file, "--plugin", "ft", "--model", tiny_dirs["gpt2"], "--out", "a.kedit.safetensors",
+                               "-o", "layer", "1", "-o", "steps", "2", "-q")
+        assert code == 0, err
+        code, _, err = run_cli("diff", "apply", "a.kedit.safetensors", "--model", tiny_dirs["gpt2"], "--out", "merged")
+        assert code == 0, err
+        code, _, err = run_cli("diff", "keygen", "k.pem")
+        assert code == 0, err
+        code, _, err = run_cli("diff", "sign", "a.kedit.safetensors", "--key", "k.pem")
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode("a.kedit.safetensors") == 0o644  # also after signing rewrote it
+    assert mode("merged") == 0o755 and mode("merged/config.json") == 0o644
+    assert {mode(p) for p in Path("merged").iterdir()} == {0o644}
+    assert mode("k.pem") == 0o600 and mode("k.pem.pub") == 0o644

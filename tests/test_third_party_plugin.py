@@ -56,7 +56,7 @@ def test_plugins_lists_the_package(site, tmp_path):
 
 
 def test_editors_options_show_layer_and_scale(site, tmp_path):
-    proc = run_kedit(site, tmp_path, "editors", "--options")
+    proc = run_kedit(site, tmp_path, "editors", "--options", "--json")
     assert proc.returncode == 0, proc.stderr
     nudge = json.loads(proc.stdout)["nudge"]
     assert nudge["package"] == "kedit-bias-nudge"
