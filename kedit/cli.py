@@ -130,16 +130,54 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
         return 0
-    print(f"{'spec':<24} {'new target':<14} {'P(new) before→after':<22} {'P(old) before→after':<22} changed")
-    for r in result["results"]:
-        print(f"{r['id'][:24]:<24} {r['target_new'][:14]:<14} {_fmt(r['p_new_before'])} → {_fmt(r['p_new_after'])}   "
-              f"{_fmt(r['p_true_before'])} → {_fmt(r['p_true_after'])}   {'yes' if r['changed'] else 'no'}")
-    print(f"changed {result['changed']}/{result['count']} facts (new target now more probable than the old)")
+    _print_probe_table(result)
     print(f"wrote {result['diff']} ({result['bytes'] / 1024:.1f} KiB, {result['id']})")
     if "metrics" in result:
         print()
         _print_metrics(result)
     return 0
+
+
+def _short(text: str, width: int) -> str:
+    """``text`` in ``width`` characters: whole, or cut (at a word boundary where one is near) with
+    an ellipsis, never silently."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space >= width // 2 else cut).rstrip() + "…"
+
+
+def _print_probe_table(result: dict[str, Any], table: bool = True) -> None:
+    """The edit's own prompt before and after, and what the spec's paraphrases and neighbours say
+    (a ✗ marks a neighbour the edit broke: its own answer no longer beats the new target)."""
+    rows = result["results"]
+    has_para = any(r["paraphrases"] for r in rows)
+    has_neigh = any(r["neighbours"] for r in rows)
+    cells = []
+    for r in rows:
+        cell = [_short(r["id"], 24), _short(r["target_new"], 16), f"{_fmt(r['p_new_before'])} → {_fmt(r['p_new_after'])}",
+                f"{_fmt(r['p_true_before'])} → {_fmt(r['p_true_after'])}"]
+        if has_para:
+            cell.append(f"{r['paraphrases_changed']}/{r['paraphrases']}" if r["paraphrases"] else "-")
+        if has_neigh:
+            cell.append((f"{r['neighbours_kept']}/{r['neighbours']}" + (" ✗" if r["neighbours_damaged"] else ""))
+                        if r["neighbours"] else "-")
+        cell.append("yes" if r["changed"] else "no")
+        cells.append(cell)
+    head = ["spec", "new target", "P(new) before→after", "P(old) before→after"] + (["para"] if has_para else []) + \
+        (["neigh"] if has_neigh else []) + ["changed"]
+    widths = [max(len(c[i]) for c in cells + [head]) for i in range(len(head))]
+    for c in [head] + cells if table else []:
+        print("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
+    line = f"changed {result['changed']}/{result['count']} facts (new target now more probable than the old)"
+    if has_para:
+        line += f"; paraphrases {result['paraphrases_changed']}/{result['paraphrases']}"
+    if has_neigh:
+        line += (f"; neighbours kept {result['neighbours_kept']}/{result['neighbours']}, "
+                 f"{result['neighbours_damaged']} damaged by the edit")
+    print(line)
 
 
 def _print_sequence(result: dict[str, Any], as_json: bool) -> int:
@@ -162,7 +200,8 @@ def _print_sequence(result: dict[str, Any], as_json: bool) -> int:
         print(f"\n{'forgetting':<28} {'immediate':>10} {'final':>10} {'gap':>10}")
         for name, g in result["forgetting"].items():
             print(f"{name:<28} {g['immediate']:>10.4g} {g['final']:>10.4g} {g['gap']:>10.4g}")
-    print(f"\nchanged {result['changed']}/{result['count']} facts (new target now more probable than the old)")
+    print()
+    _print_probe_table(result, table=False)  # the totals; --json has every spec
     print(f"wrote {result.get('chain') or result.get('diff')} ({len(result['steps'])} batches of up to "
           f"{result['batch_size']}, {result['edits']} edits in effect)")
     return 0

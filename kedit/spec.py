@@ -156,38 +156,59 @@ def read_specs(path: str | os.PathLike) -> list[EditSpec]:
     UTF-8 only (a byte-order mark and CRLF line ends are fine); blank lines are refused except at
     the end of the file; lines are at most MAX_LINE_BYTES (see :mod:`kedit.limits` for the rest).
     """
+    import jsonlines
+
     path = Path(path)
+    at = [0]  # the line jsonlines is parsing, for our messages
+
+    def lines() -> Iterable[str]:
+        """The file's lines through kedit's bounded reader, with the checks JSON itself lacks."""
+        blank: int | None = None  # the first blank line not yet followed by a spec
+        for lineno, line in iter_lines(path):
+            stripped = line.strip()
+            if not stripped:
+                blank = blank or lineno
+                continue
+            if blank is not None:
+                raise InputError(f"{path}:{blank}: blank line (JSONL has one JSON object per line; remove it)")
+            if stripped.startswith(("//", "#")):
+                raise InputError(f"{path}:{lineno}: comments are not JSON (remove the line)")
+            at[0] = lineno
+            yield stripped
+
     specs: list[EditSpec] = []
     seen: dict[str, int] = {}
-    blank: int | None = None  # the first blank line not yet followed by a spec
-    for lineno, line in iter_lines(path):
-        where = f"{path}:{lineno}"
-        stripped = line.strip()
-        if not stripped:
-            blank = blank or lineno
-            continue
-        if blank is not None:
-            raise InputError(f"{path}:{blank}: blank line (JSONL has one JSON object per line; remove it)")
-        if stripped.startswith(("//", "#")):
-            raise InputError(f"{where}: comments are not JSON (remove the line)")
-        spec = parse_record(loads(stripped, path, lineno), where)
-        if spec.id in seen:
-            raise InputError(f"{where}: field 'id': {spec.id!r} already used on line {seen[spec.id]}")
-        seen[spec.id] = lineno
-        specs.append(spec)
+    # jsonlines reads the records; kedit's loads bounds nesting and names the line on a JSON error
+    with jsonlines.Reader(lines(), loads=lambda text: loads(text, path, at[0])) as reader:
+        for record in reader.iter(allow_none=True):
+            lineno = at[0]
+            spec = parse_record(record, f"{path}:{lineno}")
+            if spec.id in seen:
+                raise InputError(f"{path}:{lineno}: field 'id': {spec.id!r} already used on line {seen[spec.id]}")
+            seen[spec.id] = lineno
+            specs.append(spec)
     if not specs:
         raise InputError(f"{path}: no edit specs in file")
     return specs
 
 
 def write_specs(path: str | os.PathLike, specs: Iterable[EditSpec]) -> int:
-    """Write specs in canonical form, atomically; returns how many were written."""
+    """Write specs in canonical form (jsonlines, one object per line), atomically; returns how
+    many were written."""
+    import jsonlines
+
     n = 0
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh, \
+            jsonlines.Writer(fh, dumps=_dumps) as writer:
         for spec in specs:
-            fh.write(spec.canonical_json() + "\n")
+            writer.write(spec)
             n += 1
     return n
+
+
+def _dumps(obj: Any) -> str:
+    """jsonlines' serializer: specs in canonical form (it also probes with a plain object)."""
+    return obj.canonical_json() if isinstance(obj, EditSpec) else json.dumps(obj, ensure_ascii=False)
 
 
 def specs_sha256(specs: Iterable[EditSpec]) -> str:

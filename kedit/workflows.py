@@ -29,12 +29,30 @@ if TYPE_CHECKING:
 
 
 def probe_table(model, tok, specs: Sequence[EditSpec]) -> list[dict[str, Any]]:
-    """P(target_new) and P(target_true) on each spec's own prompt."""
-    p_new = target_probs(model, tok, [s.text for s in specs], [s.target_new for s in specs])
-    with_true = [s for s in specs if s.target_true]
-    p_true = dict(zip([s.id for s in with_true],
-                      target_probs(model, tok, [s.text for s in with_true], [s.target_true for s in with_true])))
-    return [{"id": s.id, "p_new": pn, "p_true": p_true.get(s.id)} for s, pn in zip(specs, p_new)]
+    """P(target_new) and P(target_true) on each spec's own prompt and on its paraphrases, and on
+    each neighbourhood prompt P(its own answer) against P(target_new): everything the spec
+    carries, scored in one batched pass, so the table shows damage as well as success."""
+    from .scoring import TeacherForced
+
+    pairs: list[tuple[str, str]] = []
+    for s in specs:
+        pairs.append((s.text, s.target_new))
+        if s.target_true:
+            pairs.append((s.text, s.target_true))
+        for p in s.paraphrases:
+            pairs += [(p, s.target_new)] + ([(p, s.target_true)] if s.target_true else [])
+        for n in s.neighborhood:
+            pairs += [(n.prompt, n.target), (n.prompt, s.target_new)]
+    probs = dict(zip(pairs, TeacherForced(model, tok).probs([p for p, _ in pairs], [t for _, t in pairs])))
+    out = []
+    for s in specs:
+        def pr(prompt: str, target: str | None) -> float | None:
+            return probs[(prompt, target)] if target else None
+
+        out.append({"id": s.id, "p_new": pr(s.text, s.target_new), "p_true": pr(s.text, s.target_true),
+                    "para": [(pr(p, s.target_new), pr(p, s.target_true)) for p in s.paraphrases],
+                    "neigh": [(pr(n.prompt, n.target), pr(n.prompt, s.target_new)) for n in s.neighborhood]})
+    return out
 
 
 def default_out(spec_path: Path, editor: str, diff_id: str, folder: Path = Path("checkpoints")) -> Path:
@@ -103,7 +121,7 @@ def _edit_batch(job: EditJob, config: RunConfig, specs: list[EditSpec]) -> dict[
     with progress.stage(f"scoring {len(specs)} specs after the edit"):
         rows = _rows(specs, before, probe_table(lm, tok, specs))
     diff.manifest["eval"] = {"protocol": "target-prob-v1 (exp mean log-prob, teacher forced, edit prompt only)",
-                             "changed": sum(r["changed"] for r in rows), "count": len(rows)}
+                             **probe_summary(rows)}
     summary: dict[str, Any] = {}
     if evaluation:
         evaluation.edited(lm, tok)
@@ -112,7 +130,7 @@ def _edit_batch(job: EditJob, config: RunConfig, specs: list[EditSpec]) -> dict[
     diffmod.seal(diff)
     path = _write_new(diff, job, default_out(job.specs, job.editor, diff.id))
     return {"diff": str(path), "id": diff.id, "bytes": path.stat().st_size, "editor": job.editor,
-            "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows, **summary}
+            **probe_summary(rows), "results": rows, **summary}
 
 
 def _write_new(diff: diffmod.Diff, job: EditJob, default: Path) -> Path:
@@ -228,8 +246,8 @@ def _edit_sequence(job: EditJob, config: RunConfig, specs: list[EditSpec], sched
     with progress.stage(f"scoring {len(specs)} specs after the edits"):
         rows = _rows(specs, before, probe_table(lm, tok, specs))
     summary = {"mode": "sequential", "batch_size": batch_size, "editor": job.editor, "eval_at": schedule.describe(),
-               "changed": sum(r["changed"] for r in rows), "count": len(rows), "results": rows,
-               "edits": result["edits"], "steps": result["steps"], "evaluation": result["evaluation"],
+               **probe_summary(rows), "results": rows, "edits": result["edits"], "steps": result["steps"],
+               "evaluation": result["evaluation"],
                "forgetting": result["forgetting"]}
     if chain is None:
         with result["base"].reverted() as m:
@@ -260,13 +278,32 @@ def remove_from_chain(chain_path: str | os.PathLike, ids: Sequence[str], config:
 
 
 def _rows(specs: Sequence[EditSpec], before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per spec: the edit prompt's probabilities before and after; paraphrases that now prefer
+    the new target (over the old one, or, without one, more than before); neighbours whose own
+    answer still beats the new target, and those the edit broke (they passed before)."""
     rows = []
     for spec, b, a in zip(specs, before, after):
         changed = a["p_true"] is None or a["p_new"] > a["p_true"]
+        para_ok = sum((nt is None and n > bn) or (nt is not None and n > nt)
+                      for (n, nt), (bn, _) in zip(a["para"], b["para"]))
+        neigh_ok = [own > new for own, new in a["neigh"]]
+        was_ok = [own > new for own, new in b["neigh"]]
         rows.append({"id": spec.id, "prompt": spec.text, "target_new": spec.target_new, "target_true": spec.target_true,
                      "p_new_before": b["p_new"], "p_new_after": a["p_new"],
-                     "p_true_before": b["p_true"], "p_true_after": a["p_true"], "changed": changed})
+                     "p_true_before": b["p_true"], "p_true_after": a["p_true"], "changed": changed,
+                     "paraphrases": len(a["para"]), "paraphrases_changed": para_ok,
+                     "neighbours": len(neigh_ok), "neighbours_kept": sum(neigh_ok),
+                     "neighbours_damaged": sum(w and not k for w, k in zip(was_ok, neigh_ok))})
     return rows
+
+
+def probe_summary(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """The table's totals: facts changed, paraphrases that follow, neighbours kept and broken."""
+    return {"changed": sum(r["changed"] for r in rows), "count": len(rows),
+            "paraphrases_changed": sum(r["paraphrases_changed"] for r in rows),
+            "paraphrases": sum(r["paraphrases"] for r in rows),
+            "neighbours_kept": sum(r["neighbours_kept"] for r in rows), "neighbours": sum(r["neighbours"] for r in rows),
+            "neighbours_damaged": sum(r["neighbours_damaged"] for r in rows)}
 
 
 def eval_model(config: RunConfig | None = None, diffs: Sequence[str | os.PathLike] = (),

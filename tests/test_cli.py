@@ -249,3 +249,39 @@ def test_verify_of_independent_diffs_checks_each_against_the_model(run_cli, tiny
                              "--model", tiny_dirs["gpt2"], "--json")
     assert code == 1, err
     assert [r["status"] for r in json.loads(out)] == ["applies", "refused", "applies"]
+
+
+def test_apply_table_shows_paraphrases_and_broken_neighbours(run_cli, tiny_dirs, workdir):
+    """The table carries the spec's own checks: paraphrases that follow the edit and neighbours it
+    kept, a ✗ where it broke one, totals in the summary line; columns line up under the header and a
+    long id is shortened with an ellipsis."""
+    from kedit.spec import EditSpec
+    from kedit.workflows import _rows, probe_summary
+
+    spec = EditSpec(id="x", subject="France", prompt="The capital of {} is", target_new="Rome", target_true="Paris",
+                    paraphrases=["France's capital:", "Capital of France:"],
+                    neighborhood=[{"prompt": "Spain's capital is", "target": "Madrid"},
+                                  {"prompt": "Chile's capital is", "target": "Santiago"}])
+    before = [{"p_new": 0.1, "p_true": 0.6, "para": [(0.1, 0.5), (0.2, 0.3)], "neigh": [(0.5, 0.1), (0.05, 0.2)]}]
+    after = [{"p_new": 0.9, "p_true": 0.05, "para": [(0.7, 0.1), (0.2, 0.4)], "neigh": [(0.3, 0.4), (0.04, 0.3)]}]
+    (row,) = _rows([spec], before, after)
+    assert (row["changed"], row["paraphrases_changed"], row["neighbours_kept"], row["neighbours_damaged"]) == (True, 1, 0, 1)
+    assert probe_summary([row])["neighbours_damaged"] == 1  # the second neighbour failed before the edit too
+
+    specs = write_jsonl(workdir / "s.jsonl", [
+        {"id": "a-rather-long-spec-identifier-for-the-capital", "subject": "France", "prompt": "The capital of {} is",
+         "target_new": "Rome", "target_true": "Paris", "paraphrases": ["France's capital is"],
+         "neighborhood": [{"prompt": "The capital of Spain is", "target": "Madrid"}]},
+        {"id": "b", "subject": "Spain", "prompt": "{} is in", "target_new": "Asia"}])
+    code, out, err = run_cli("apply", specs, "--plugin", "ft", "--model", tiny_dirs["gpt2"], *FAST)
+    assert code == 0, err
+    lines = out.splitlines()
+    head = lines[0]
+    assert head.split() == ["spec", "new", "target", "P(new)", "before→after", "P(old)", "before→after", "para", "neigh",
+                            "changed"]
+    rows = lines[1:3]
+    assert rows[0].startswith("a-rather-long-spec-iden…") and rows[1].startswith("b ")
+    col = head.index("changed")
+    assert all(r[col:].split()[0] in ("yes", "no") for r in rows)
+    assert rows[1].split()[-3:-1] == ["-", "-"]  # no paraphrases or neighbours to check
+    assert "; paraphrases " in lines[3] and "damaged by the edit" in lines[3]
