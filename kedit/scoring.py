@@ -145,12 +145,12 @@ class TeacherForced:
             for r, t in enumerate(tails):
                 ids[r, : len(t)] = torch.tensor(t, dtype=torch.long)
                 mask[r, len(p): len(p) + len(t)] = 1
-            cache = out.past_key_values
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
             cache.batch_repeat_interleave(k)
             pos = torch.arange(len(p), len(p) + width).expand(k, -1)
             rest = torch.log_softmax(self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                                position_ids=pos.to(device), past_key_values=cache,
-                                                use_cache=True).logits.float(), -1).cpu()
+                                                position_ids=pos.to(device), use_cache=True,
+                                                **_cache_kwarg(self.model, cache)).logits.float(), -1).cpu()
         for r, (pair, _, t) in enumerate(reqs):
             lp = torch.stack([first] + ([rest[r, j] for j in range(len(t) - 1)] if rest is not None else []))
             self._memo[pair] = TokenScore(tuple(t), lp[torch.arange(len(t)), torch.tensor(t)].clone(), lp.argmax(-1))
@@ -225,6 +225,14 @@ class TeacherForced:
             self._keep_ok = False
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return logits[:, keep] if logits.shape[1] == ids.shape[1] else logits
+
+
+def _cache_kwarg(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The key/value cache under the name this transformers takes: ``cache`` from 5.x on
+    (``past_key_values`` is deprecated there, to go in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 def target_probs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
