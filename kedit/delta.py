@@ -1,4 +1,5 @@
-"""Delta encodings (dense, low-rank, sparse), their conversion to dense and their algebra.
+"""Delta encodings (dense, low-rank, sparse, masked low-rank), their conversion to dense and their
+algebra.
 
 All deltas are in the parameter's *stored* layout (GPT-2 Conv1D weights are (d_in, d_out)).
 Dense values are float32; low-rank products are formed in float64 and rounded once, so the
@@ -46,7 +47,46 @@ class Sparse:
     shape: tuple[int, ...]
 
 
-Delta = Union[Dense, LowRank, Sparse]
+@dataclass
+class MaskedLowRank:
+    """ΔW = (u @ v) ⊙ mask: a low-rank delta of which only the masked elements are kept (what
+    RECT makes of a MEMIT or ROME delta). Stored as the factors and the mask as a bitmap (one bit
+    per element), so it costs the factors plus numel/8 bytes, where the same delta as sparse
+    costs 8 bytes per kept element."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor  # bool, the parameter's shape
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.u.shape[0], self.v.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+
+Delta = Union[Dense, LowRank, Sparse, MaskedLowRank]
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bytes, 8 elements per byte, first element in the highest bit."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    flat = torch.cat([flat, torch.zeros(pad, dtype=torch.uint8)]).view(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (flat * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`; ValueError if the bytes do not fit ``shape``."""
+    n = numel(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
+        raise ValueError(f"a mask of {n} elements needs {(n + 7) // 8} uint8 bytes, got {packed.numel()} "
+                         f"{str(packed.dtype).removeprefix('torch.')}")
+    bits = (packed.to(torch.int32).unsqueeze(1) >> torch.arange(7, -1, -1, dtype=torch.int32)) & 1
+    return bits.reshape(-1)[:n].to(torch.bool).view(shape)
 
 
 def as_delta(x: Union[Delta, torch.Tensor]) -> Delta:
@@ -60,6 +100,9 @@ def to_dense(delta: Delta, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return delta.tensor.to(dtype)
     if isinstance(delta, LowRank):
         return (delta.u.double() @ delta.v.double()).to(torch.float32).to(dtype)
+    if isinstance(delta, MaskedLowRank):
+        product = (delta.u.double() @ delta.v.double()).to(torch.float32)
+        return torch.where(delta.mask, product, torch.zeros((), dtype=torch.float32)).to(dtype)
     out = torch.zeros(delta.shape, dtype=torch.float32).view(-1)
     out[delta.idx] = delta.val.to(torch.float32)
     return out.view(delta.shape).to(dtype)
@@ -82,13 +125,21 @@ def nbytes(delta: Delta) -> int:
         return delta.tensor.numel() * 4
     if isinstance(delta, LowRank):
         return (delta.u.numel() + delta.v.numel()) * 4
+    if isinstance(delta, MaskedLowRank):
+        return (delta.u.numel() + delta.v.numel()) * 4 + (numel(delta.shape) + 7) // 8
     idx_bytes = 4 if index_dtype(numel(delta.shape)) == torch.int32 else 8
     return delta.idx.numel() * idx_bytes + delta.val.numel() * 4
 
 
 def compact(delta: Delta) -> Delta:
-    """The smallest exact encoding of ``delta``: low-rank factors, flat sparse indices, or dense."""
+    """The smallest exact encoding of ``delta``: low-rank factors, masked low-rank factors, flat
+    sparse indices, or dense."""
     delta = as_delta(delta)
+    if isinstance(delta, MaskedLowRank):
+        delta = MaskedLowRank(delta.u.to(torch.float32).contiguous(), delta.v.to(torch.float32).contiguous(),
+                              delta.mask.to(torch.bool).contiguous())
+        other = compact(Dense(to_dense(delta)))  # the same values as sparse or dense
+        return delta if nbytes(delta) < nbytes(other) else other
     if isinstance(delta, LowRank):
         delta = LowRank(delta.u.to(torch.float32).contiguous(), delta.v.to(torch.float32).contiguous())
         if nbytes(delta) < delta.shape[0] * delta.shape[1] * 4:
@@ -118,7 +169,7 @@ def add(a: Delta, b: Delta) -> Delta:
 
 
 def encoding_name(delta: Delta) -> str:
-    return {Dense: "dense", LowRank: "lowrank", Sparse: "sparse"}[type(delta)]
+    return {Dense: "dense", LowRank: "lowrank", Sparse: "sparse", MaskedLowRank: "masked-lowrank"}[type(delta)]
 
 
 def to_tensors(param: str, delta: Delta) -> dict[str, torch.Tensor]:
@@ -126,6 +177,9 @@ def to_tensors(param: str, delta: Delta) -> dict[str, torch.Tensor]:
         return {f"{param}::delta": delta.tensor.contiguous()}
     if isinstance(delta, LowRank):
         return {f"{param}::u": delta.u.contiguous(), f"{param}::v": delta.v.contiguous()}
+    if isinstance(delta, MaskedLowRank):
+        return {f"{param}::u": delta.u.contiguous(), f"{param}::v": delta.v.contiguous(),
+                f"{param}::mask": pack_bits(delta.mask)}
     idx = delta.idx.to(index_dtype(numel(delta.shape))).contiguous()
     return {f"{param}::idx": idx, f"{param}::val": delta.val.contiguous()}
 
@@ -142,6 +196,9 @@ def from_tensors(param: str, encoding: str, tensors: dict[str, torch.Tensor], sh
         if u.dim() != 2 or v.dim() != 2 or (u.shape[0], v.shape[1]) != shape or u.shape[1] != v.shape[0]:
             raise ValueError(f"{param}::u/v shapes {tuple(u.shape)}, {tuple(v.shape)} do not make {shape}")
         return LowRank(u, v)
+    if encoding == "masked-lowrank":
+        low = from_tensors(param, "lowrank", tensors, shape)
+        return MaskedLowRank(low.u, low.v, unpack_bits(tensors[f"{param}::mask"], shape))
     if encoding == "sparse":
         idx, val = tensors[f"{param}::idx"].to(torch.int64), tensors[f"{param}::val"]
         if idx.shape != val.shape or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel(shape))):

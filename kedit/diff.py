@@ -108,10 +108,12 @@ def build(base: Mapping[str, torch.Tensor], deltas: Mapping[str, D.Delta | torch
         entry: dict[str, Any] = {"encoding": D.encoding_name(d), "delta_dtype": "float32",
                                  "post_sha256": tensor_sha256(post), "exact_revert_fixes": int(wrong.numel()),
                                  "bytes": D.nbytes(d)}
-        if isinstance(d, D.LowRank):
+        if isinstance(d, (D.LowRank, D.MaskedLowRank)):
             entry["rank"] = d.rank
         if isinstance(d, D.Sparse):
             entry["nnz"] = int(d.idx.numel())
+        if isinstance(d, D.MaskedLowRank):
+            entry["nnz"] = int(d.mask.sum())  # elements the mask keeps
         entries[name] = entry
     rec = dict(record)
     base_info = dict(rec.pop("base", {}))

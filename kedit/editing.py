@@ -119,17 +119,30 @@ def _to_cpu(d: D.Delta) -> D.Delta:
         return D.Dense(d.tensor.detach().cpu().to(torch.float32))
     if isinstance(d, D.LowRank):
         return D.LowRank(d.u.detach().cpu(), d.v.detach().cpu())
+    if isinstance(d, D.MaskedLowRank):
+        return D.MaskedLowRank(d.u.detach().cpu(), d.v.detach().cpu(), d.mask.detach().cpu())
     return D.Sparse(d.idx.detach().cpu(), d.val.detach().cpu(), d.shape)
 
 
 def _regularized(weight: torch.Tensor, d: D.Delta, regs: Sequence[Reg]) -> D.Delta:
+    """The regularizer chain on the dense delta. Where the result keeps some elements of a
+    low-rank delta unchanged and zeroes the rest (RECT does), it is that low-rank delta under a
+    mask, which the diff stores as the factors and a bitmap; the host checks the values, not the
+    regularizer's name."""
     if not regs:
         return d
+    if isinstance(d, D.LowRank):  # the factors as the diff stores them, so the kept values are exact
+        d = D.LowRank(d.u.to(torch.float32), d.v.to(torch.float32))
     dense = D.to_dense(d)
     w = weight.detach().cpu()
+    out = dense
     for reg in regs:
-        dense = reg.entry.obj().apply(w, dense, reg.options).to(torch.float32)
-    return D.Dense(dense)
+        out = reg.entry.obj().apply(w, out, reg.options).to(torch.float32)
+    if isinstance(d, D.LowRank):
+        mask = out != 0
+        if torch.equal(out, torch.where(mask, dense, torch.zeros((), dtype=torch.float32))):
+            return D.MaskedLowRank(d.u, d.v, mask)
+    return D.Dense(out)
 
 
 def regularize_diff(model: torch.nn.Module, diff: diffmod.Diff, regs: Sequence[Reg]) -> diffmod.Diff:

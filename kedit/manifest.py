@@ -33,7 +33,7 @@ Digest = tuple[str, list[int], str]  # dtype name, shape, sha256 of the raw byte
 FLOATS = {"float64", "float32", "float16", "bfloat16"}
 INDICES = {"int32", "int64"}
 # the tensors each encoding stores per parameter, besides PARAM::fix_idx and PARAM::fix_val
-ENCODINGS = {"dense": ("delta",), "lowrank": ("u", "v"), "sparse": ("idx", "val")}
+ENCODINGS = {"dense": ("delta",), "lowrank": ("u", "v"), "sparse": ("idx", "val"), "masked-lowrank": ("u", "v", "mask")}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -218,10 +218,13 @@ def _check_tensors(name: str, encoding: str, rec: Mapping[str, Any], digests: Ma
 
     if encoding == "dense":
         _need(get("delta", FLOATS) == shape, f"tensor '{name}::delta'", f"does not have the base shape {shape}")
-    elif encoding == "lowrank":
+    elif encoding in ("lowrank", "masked-lowrank"):
         u, v = get("u", FLOATS, 2), get("v", FLOATS, 2)
         _need(len(shape) == 2 and [u[0], v[1]] == shape and u[1] == v[0], f"tensors '{name}::u/v'",
               f"with shapes {u} and {v} do not make the base shape {shape}")
+        if encoding == "masked-lowrank":
+            _need(get("mask", {"uint8"}, 1) == [(numel + 7) // 8], f"tensor '{name}::mask'",
+                  f"does not hold one bit per element of {shape} ({(numel + 7) // 8} bytes)")
     else:
         idx, val = get("idx", INDICES, 1), get("val", FLOATS, 1)
         _need(idx == val and idx[0] <= numel, f"tensors '{name}::idx/val'",

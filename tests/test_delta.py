@@ -50,3 +50,25 @@ def test_algebra_keeps_structure_and_values():
     assert isinstance(z, D.Sparse) and z.idx.tolist() == [1, 5, 7] and z.val.tolist() == [1.0, 5.0, 4.0]
     mixed = D.add(a, D.Dense(torch.ones(6, 4)))
     torch.testing.assert_close(D.to_dense(mixed), D.to_dense(a) + 1)
+
+
+def test_masked_lowrank_stores_factors_and_a_bitmap_exactly():
+    torch.manual_seed(2)
+    u, v = torch.randn(64, 3), torch.randn(3, 45)  # 2,880 elements: not a multiple of 8 per row
+    mask = torch.rand(64, 45) < 0.4
+    d = D.MaskedLowRank(u, v, mask)
+    dense = D.to_dense(d)
+    assert torch.equal(dense, torch.where(mask, (u.double() @ v.double()).float(), torch.zeros(())))
+    packed = D.pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (64 * 45 + 7) // 8
+    assert torch.equal(D.unpack_bits(packed, (64, 45)), mask)
+    assert D.pack_bits(torch.tensor([True, False, False, False, False, False, False, True, True])).tolist() == [129, 128]
+    back = D.from_tensors("w", "masked-lowrank", D.to_tensors("w", d), (64, 45))
+    assert torch.equal(D.to_dense(back), dense)
+    assert D.nbytes(d) == (64 * 3 + 3 * 45) * 4 + 360
+    assert isinstance(D.compact(d), D.MaskedLowRank)  # smaller than its 1,152 kept elements as sparse (9 KiB)
+    few = D.MaskedLowRank(u, v, torch.zeros(64, 45, dtype=torch.bool).index_put_((torch.tensor([1]), torch.tensor([2])),
+                                                                                 torch.tensor(True)))
+    assert isinstance(D.compact(few), D.Sparse) and torch.equal(D.to_dense(D.compact(few)), D.to_dense(few))
+    with pytest.raises(ValueError):
+        D.unpack_bits(packed[:-1], (64, 45))
