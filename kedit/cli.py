@@ -451,6 +451,20 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise InputError(f"diff {args.action} needs --out DIR")
+    if (args.format != "folder" or args.svd_rank) and args.action != "export":
+        raise InputError("--format and --svd-rank go with `kedit diff export`")
+    if args.format == "peft":
+        info = wf.export_peft(args.diffs, args.out, args.model, args.overwrite, trust, args.svd_rank)
+        if args.json:
+            _print_json(info)
+            return 0
+        for path, m in info["modules"].items():
+            print(f"{path}: rank {m['rank']}" + ("" if m["exact"] else
+                                                 f" (SVD, relative error {m['svd_relative_error']:.3g})"))
+        print(f"wrote {args.out} (PEFT LoRA adapter: PeftModel.from_pretrained(base, {str(args.out)!r}))")
+        return 0
+    if args.svd_rank:
+        raise InputError("--svd-rank goes with --format peft")
     if args.action == "revert":
         statuses = wf.revert_in_folder(args.diffs, args.out, args.model, args.overwrite, trust, dtype=args.dtype)
     else:
@@ -650,6 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="load the model in this dtype (default: the dtype the first diff was computed against)")
     p.add_argument("--out", help="apply/revert/export: folder to write (loadable with from_pretrained)")
+    p.add_argument("--format", choices=["folder", "peft"], default="folder",
+                   help="export: a from_pretrained folder of the edited model (default), or a PEFT LoRA adapter "
+                   "of low-rank diffs (needs the peft extra to load; `PeftModel.from_pretrained(base, OUT)`)")
+    p.add_argument("--svd-rank", type=positive_int, metavar="R",
+                   help="export --format peft: approximate deltas that are not low-rank (ft, kn, RECT) by their "
+                   "top R singular directions; the relative error is recorded per module")
     p.add_argument("-o", "--output", help="squash: the diff file to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (apply, revert, export) or an existing -o diff (squash)")
     p.add_argument("--edit", action="append", default=[], metavar="ID",

@@ -418,6 +418,26 @@ def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | N
         return statuses
 
 
+def export_peft(paths: Sequence[str], out: str | os.PathLike, model: str | None = None, overwrite: bool = False,
+                trust: "Trust | None" = None, svd_rank: int | None = None) -> dict[str, Any]:
+    """A chain of low-rank diffs as a PEFT LoRA adapter folder (see :mod:`kedit.peft_export`)."""
+    from .atomic import atomic_dir
+    from .peft_export import export_peft as write_adapter
+
+    with claimed(out, inputs=paths, overwrite=overwrite, folder=True):
+        diffs = load_chain(paths, trust)
+        lm, _, source = load(model, dtype=diff_dtype(diffs, None))
+        for d in diffs:  # the chain must start at this model
+            if diffmod.state(lm, d) != "base":
+                raise InputError(f"{d.path}: already applied to {source.name_or_path}; an adapter goes on the base")
+            diffmod.apply(lm, d)
+        for d in reversed(diffs):
+            diffmod.revert(lm, d)
+        base = (diffs[0].manifest.get("base") or {}).get("hub_id") or source.name_or_path
+        with atomic_dir(out) as tmp:
+            return write_adapter(diffs, lm, tmp, base, svd_rank)
+
+
 def revert_in_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
                      overwrite: bool = False, trust: "Trust | None" = None, dtype: str | None = None) -> list[str]:
     """Revert a chain (last diff first) and save the result."""
