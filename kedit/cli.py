@@ -469,7 +469,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         statuses = wf.revert_in_folder(args.diffs, args.out, args.model, args.overwrite, trust, dtype=args.dtype)
     else:
         statuses = wf.apply_to_folder(args.diffs, args.out, args.model, args.overwrite, card=args.action == "export",
-                                      trust=trust, dtype=args.dtype)
+                                      trust=trust, dtype=args.dtype, max_shard_size=args.max_shard_size)
     for p, st in zip(args.diffs if args.action != "revert" else reversed(args.diffs), statuses):
         print(f"{p}: {st}")
     print(f"wrote {args.out}")
@@ -662,7 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(keygen: the key file to make)")
     p.add_argument("--model", help="model to check or change (default: the embedded model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="load the model in this dtype (default: the dtype the first diff was computed against)")
+                   help="apply, export: the dtype of the folder written (the chain itself applies in the dtype it "
+                   "was computed against); verify, revert, squash: load the model in this dtype (default: the dtype "
+                   "the first diff was computed against)")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="apply, export: shard the weights as save_pretrained "
+                   "does, e.g. 2GB (default: transformers' own)")
     p.add_argument("--out", help="apply/revert/export: folder to write (loadable with from_pretrained)")
     p.add_argument("--format", choices=["folder", "peft"], default="folder",
                    help="export: a from_pretrained folder of the edited model (default), or a PEFT LoRA adapter "

