@@ -2,7 +2,7 @@
 
 CounterFact cases: the first N of ../shared/data/counterfact/counterfact-train.json whose prompt
 contains the subject (template = prompt with the subject replaced by {}). Scored as in
-algorithms.md §4.1 (ES/PS/NS by probability comparison). `rome` and `kn` edit each case on the
+docs/evaluation.md (ES/PS/NS by probability comparison). `rome` and `kn` edit each case on the
 unedited model; the MEMIT family edits all N in one batch. Perplexity: first 20k characters of WikiText-2.
 Key statistics: WikiText-2 test, cached after the first run (their time is reported separately).
 

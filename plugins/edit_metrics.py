@@ -1,7 +1,7 @@
 """Edit metrics read from the specs: ``counterfact`` (probability comparison), ``token-acc``
 (EasyEdit's teacher-forced token accuracy) and ``neighborhood-kl``.
 
-Every metric is averaged within a spec first, then across specs (algorithms.md §4.1, §4.3), and
+Every metric is averaged within a spec first, then across specs (CounterFact's metrics as in Meng et al. 2022; token accuracy as in EasyEdit), and
 the per-spec values are returned as samples so the host can pair them for intervals.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MQD-style importers: one CounterFact fact as a true/false, a multiple-choice or an open question.
 
-The D4S paper's Multi-Question Dataset (MQD) is not public (reference/algorithms.md §2.6); these
+The D4S paper's Multi-Question Dataset (MQD) is not public (Huang et al., the D4S paper); these
 importers build its equivalent from CounterFact. Every record is first read by the CounterFact
 importer (:func:`kedit_plugins.counterfact.convert`, either schema), and the same fact (subject,
 relation prompt, new and true object, rephrase prompt, locality prompt and its answer) is then

@@ -1,5 +1,5 @@
 """``nse``: Neuron-level Sequential Editing (Jiang et al. 2025), MEMIT's sequential variant with
-three changes (algorithms.md §1.6):
+three changes (Jiang et al. 2024, "Neuron-Level Sequential Editing for Large Language Models"):
 
 - *weights rewinding*: every edit's target z is optimised on the sequence's original model;
 - *iterative editing*: up to ``max_iterations`` rounds, each re-editing only the requests whose

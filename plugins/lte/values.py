@@ -1,5 +1,6 @@
 """Target values v* (ROME) / z (MEMIT family): optimise a vector δ per request, added at the fact
-token of the edit site, so that the model predicts the new target (algorithms.md §0.5).
+token of the edit site, so that the model predicts the new target (ROME's v*, Meng et al. 2022,
+which MEMIT reuses).
 
 All requests are optimised together in one batched loop: the losses are separable, each request
 has its own δ row, and early stop and the norm clamp are applied per request (a finished
