@@ -13,6 +13,14 @@ import pytest
 from kedit.testing import save_tiny
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_DOC = "docs/evaluation.md, section 'Data', says what it is and where to get it"
+
+
+def needs_shared(sub: str, what: str):
+    """Skip a test whose real data (``../shared/data/SUB``) is absent, saying what it is and where
+    the docs say to get it, instead of a bare "not present"."""
+    return pytest.mark.skipif(not (SHARED / sub).exists(),
+                              reason=f"needs {what} at {SHARED / sub}, which is not here ({DATA_DOC})")
 PLUGIN_PKG = Path(__file__).parent / "plugin_pkg"
 PLUGIN_SITE: Path | None = None  # where pytest_configure installed the third-party test plugin
 

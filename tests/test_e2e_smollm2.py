@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_shared
 import torch
 
 from kedit import diff as diffmod
@@ -92,7 +93,7 @@ def test_a_gguf_path_loads_through_the_same_cache():
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 
 
-@pytest.mark.skipif(not WIKITEXT.is_file(), reason="shared WikiText-2 not present")
+@needs_shared("wikitext2/wiki.test.raw", "the WikiText-2 test text")
 def test_memit_edits_the_facts_with_a_corpus_given_by_path(tmp_path):
     proc = kedit("apply", ROOT / "specs" / "facts.jsonl", "--plugin", "memit", "--corpus", WIKITEXT,
                  "--stats-tokens", "20000", "--json", "--out", tmp_path / f"m{diffmod.SUFFIX}", cwd=tmp_path)
@@ -105,7 +106,7 @@ def test_memit_edits_the_facts_with_a_corpus_given_by_path(tmp_path):
     assert {e["encoding"] for e in manifest["entries"].values()} == {"lowrank"}
 
 
-@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "glue").is_dir(), reason="shared GLUE-style data not present")
+@needs_shared("glue", "the GLUE-style probe sets")
 def test_eval_compares_the_edited_model_with_the_unedited_one(applied, tmp_path):
     work, result = applied
     glue = ROOT.parent / "shared" / "data" / "glue"

@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from conftest import needs_shared
 import torch
 
 from kedit.evaluate import Evaluation, mean_ci, model_fingerprint, resolve_evaluators, split_eval_list
@@ -158,8 +159,7 @@ def test_glue_sample_is_seeded(tok, tmp_path):
     assert a == b and a != c and len(a) == 10
 
 
-@pytest.mark.skipif(not (__import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "glue").is_dir(),
-                    reason="shared GLUE-style data not present")
+@needs_shared("glue", "the GLUE-style probe sets")
 def test_glue_known_sets_load_with_their_labels():
     from pathlib import Path
 

@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import needs_shared
 
 from kedit.errors import InputError
 from kedit.plugins import register_plugin, registry, unregister_plugin
@@ -262,7 +263,7 @@ def test_registered_with_descriptions_and_an_entry_point(registered, run_cli, cf
     assert code == 0 and "3 edit specs, all valid" in out
 
 
-@pytest.mark.skipif(not REAL.is_file(), reason="shared CounterFact data not present")
+@needs_shared("counterfact/counterfact-train.json", "CounterFact")
 def test_real_counterfact_imports_in_every_form():
     n = len(json.loads(REAL.read_text(encoding="utf-8")))
     for form, importer in IMPORTERS.items():

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SHARED, TINY_SPECS, write_jsonl
+from conftest import needs_shared, SHARED, TINY_SPECS, write_jsonl
 
 from kedit.errors import InputError
 from kedit.spec import EditSpec, import_specs, read_specs, write_specs
@@ -104,7 +104,7 @@ def test_zsre_importer(tmp_path):
     assert spec.neighborhood[0].target == "Shakespeare"
 
 
-@pytest.mark.skipif(not (SHARED / "counterfact").is_dir(), reason="shared data not present")
+@needs_shared("counterfact", "CounterFact and zsRE")
 def test_importers_read_the_shared_data():
     cf, skipped = import_specs(_importer("counterfact").read(SHARED / "counterfact" / "counterfact-train.json"))
     assert len(cf) == 10000 and not skipped
