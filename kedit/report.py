@@ -128,6 +128,24 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
+def bars(ax, xs: list[float], vals: list[float | None], width: float, label: str, color: Any = None,
+         err: list[list[float]] | None = None) -> Any:
+    """Bars that show their values: each labelled with its number (``n/a`` where missing), a bar
+    of 0 drawn as a visible line at 0 in its colour (an empty slot would read as missing), and
+    95% intervals as error bars where given."""
+    heights = [v if v is not None else 0 for v in vals]
+    container = ax.bar(xs, heights, width, label=label, color=color, yerr=err, capsize=2 if err else 0,
+                       error_kw={"elinewidth": 0.8, "ecolor": "0.3", "alpha": 0.8})
+    face = container.patches[0].get_facecolor() if container.patches else color
+    zeros = [x for x, v in zip(xs, vals) if v == 0]
+    if zeros:
+        ax.hlines([0] * len(zeros), [x - width / 2 for x in zeros], [x + width / 2 for x in zeros], colors=[face],
+                  linewidth=2.5, zorder=3)
+    ax.bar_label(container, labels=["n/a" if v is None else f"{v:.2f}" for v in vals], fontsize=6, padding=1,
+                 rotation=90 if width < 0.12 else 0)
+    return container
+
+
 def plot_edit_metrics(runs: list[dict[str, Any]], path: Path) -> bool:
     """Grouped bars: the metrics evaluators declare as fractions of edits, one bar per run."""
     keys = [(ev, m) for ev in _evaluators(runs) for m in display(runs, ev).get("edit_metrics", [])
@@ -137,17 +155,23 @@ def plot_edit_metrics(runs: list[dict[str, Any]], path: Path) -> bool:
     series = []
     bases = {ev: common_base(runs, ev) for ev, _ in keys}
     if all(bases[ev] for ev, _ in keys):
-        series.append(("unedited", [bases[ev].get(m) for ev, m in keys]))
-    series += [(r["label"], [r["metrics"].get(ev, {}).get(m) for ev, m in keys]) for r in runs]
+        series.append(("unedited", [bases[ev].get(m) for ev, m in keys], None))
+    series += [(r["label"], [r["metrics"].get(ev, {}).get(m) for ev, m in keys], r) for r in runs]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys) * max(1, len(series)) / 2.5), 4))
     width = 0.8 / len(series)
-    for i, (label, vals) in enumerate(series):
+    for i, (label, vals, r) in enumerate(series):
         xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(keys))]
-        ax.bar(xs, [v if v is not None else 0 for v in vals], width, label=label)
+        # a run without edits carries the interval of its values; an edited run's is of its change
+        cis = [(r.get("ci", {}).get(ev, {}).get(m) if r is not None and not r.get("delta") else None) for ev, m in keys]
+        err = None
+        if any(cis):
+            err = [[max(0, v - c[0]) if c and v is not None else 0 for v, c in zip(vals, cis)],
+                   [max(0, c[1] - v) if c and v is not None else 0 for v, c in zip(vals, cis)]]
+        bars(ax, xs, vals, width, label, err=err)
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels([f"{m}\n({ev})" for ev, m in keys], fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("fraction")
     ax.set_title("Edit metrics per run")
     ax.grid(axis="y", alpha=0.3)
@@ -183,7 +207,7 @@ def plot_drift(runs: list[dict[str, Any]], path: Path, ev: str, metric: str) -> 
     color = {label: palette[i] for i, (label, _, _) in enumerate(series)}
     for i, (label, metrics, _) in enumerate(series):
         xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(tasks))]
-        ax.bar(xs, [metrics.get(t + sfx) or 0 for t in tasks], width, label=label, color=color[label])
+        bars(ax, xs, [metrics.get(t + sfx) for t in tasks], width, label, color=color[label])
     for k, t in enumerate(tasks):
         chance = (info.get(t) or {}).get("chance")
         if chance is not None:
@@ -191,7 +215,7 @@ def plot_drift(runs: list[dict[str, Any]], path: Path, ev: str, metric: str) -> 
                       label="chance" if k == 0 else None)
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=30, fontsize=8)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel(metric)
     ax.set_title(f"{ev}: {metric} per task (dashed: chance)")
     ax.grid(axis="y", alpha=0.3)
@@ -206,8 +230,7 @@ def plot_drift(runs: list[dict[str, Any]], path: Path, ev: str, metric: str) -> 
             d = [r["delta"][ev].get(t + sfx) or 0 for t in tasks]
             ci = [r.get("ci", {}).get(ev, {}).get(t + sfx) for t in tasks]
             err = [[max(0, v - c[0]) if c else 0 for v, c in zip(d, ci)], [max(0, c[1] - v) if c else 0 for v, c in zip(d, ci)]]
-            ax.bar(xs, d, width, yerr=err, capsize=2, label=label, color=color[label],
-                   error_kw={"elinewidth": 0.8, "ecolor": "0.3", "alpha": 0.8})
+            bars(ax, xs, d, width, label, color=color[label], err=err)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(tasks)))
         ax.set_xticklabels(tasks, rotation=30, fontsize=8)

@@ -99,3 +99,24 @@ def test_eval_bad_input(run_cli, tiny_dirs, spec_file, workdir):
     bad.write_text("{\"no\": 1}")
     code, _, err = run_cli("report", bad, "-o", workdir / "r")
     assert code == 2 and "metrics" in err
+
+
+def test_bars_label_values_show_zero_and_missing():
+    """Report bars carry their numbers; a 0 is drawn (a line at 0 in the bar's colour), a missing
+    value says n/a, and intervals become error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kedit.report import bars
+
+    fig, ax = plt.subplots()
+    bars(ax, [0.0, 1.0, 2.0], [0.0, 0.42, None], 0.3, "unedited", err=[[0, 0.05, 0], [0, 0.04, 0]])
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["0.00", "0.42", "n/a"]
+    zero_lines = [c for c in ax.collections if c.__class__.__name__ == "LineCollection" and len(c.get_segments()) == 1
+                  and c.get_segments()[0][0][1] == 0 and c.get_segments()[0][1][1] == 0]
+    assert zero_lines and zero_lines[0].get_segments()[0][0][0] == -0.15
+    assert any(c.__class__.__name__ == "LineCollection" and len(c.get_segments()) == 3 for c in ax.collections)  # errors
+    plt.close(fig)
