@@ -22,9 +22,8 @@ class Dense:
         return tuple(self.tensor.shape)
 
 
-@dataclass
-class LowRank:
-    """ΔW = u @ v with u (rows × r) and v (r × cols)."""
+class _Factors:
+    """Shape and rank of the deltas built on factors u (rows × r) and v (r × cols)."""
 
     u: torch.Tensor
     v: torch.Tensor
@@ -36,6 +35,14 @@ class LowRank:
     @property
     def rank(self) -> int:
         return self.u.shape[1]
+
+
+@dataclass
+class LowRank(_Factors):
+    """ΔW = u @ v with u (rows × r) and v (r × cols)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
 
 
 @dataclass
@@ -48,7 +55,7 @@ class Sparse:
 
 
 @dataclass
-class MaskedLowRank:
+class MaskedLowRank(_Factors):
     """ΔW = (u @ v) ⊙ mask: a low-rank delta of which only the masked elements are kept (what
     RECT makes of a MEMIT or ROME delta). Stored as the factors and the mask as a bitmap (one bit
     per element), so it costs the factors plus numel/8 bytes, where the same delta as sparse
@@ -57,14 +64,6 @@ class MaskedLowRank:
     u: torch.Tensor
     v: torch.Tensor
     mask: torch.Tensor  # bool, the parameter's shape
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.u.shape[0], self.v.shape[1])
-
-    @property
-    def rank(self) -> int:
-        return self.u.shape[1]
 
 
 Delta = Union[Dense, LowRank, Sparse, MaskedLowRank]
