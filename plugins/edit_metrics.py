@@ -102,6 +102,9 @@ class TokenAccuracy(Evaluator):
         base_argmax = iter(context.reference if context.reference is not None else
                            self.reference(model, tokenizer, specs, options, context))
         loc = iter(scorer.score(_locality_pairs(specs)))
+        # every pair in one batched pass; the per-spec lookups below then read the scorer's memo
+        scorer.score([(s.text, s.target_new) for s in specs] + [(p, s.target_new) for s in specs for p in s.paraphrases]
+                     + [(p.prompt, p.target) for s in specs for p in s.portability])
         for s in specs:
             groups["reliability"].append([scorer.score([(s.text, s.target_new)])[0].token_acc])
             groups["generalization"].append([x.token_acc for x in scorer.score([(p, s.target_new) for p in s.paraphrases])])
