@@ -198,7 +198,7 @@ MALFORMED = [
     (_set(["entries"], KeyError), "entries is missing or not an object"),
     (_set(["entries", P2], "dense"), f"entries['{P2}'] is not an object"),
     (_set(["entries", P2, "encoding"], KeyError), f"entries['{P2}'].encoding is missing"),
-    (_set(["entries", P2, "encoding"], "zip"), "'zip' is not one of ['dense', 'lowrank', 'sparse']"),
+    (_set(["entries", P2, "encoding"], "zip"), "'zip' is not one of ['dense', 'lowrank', 'masked-lowrank', 'sparse']"),
     (_set(["entries", P2, "encoding"], "lowrank"), f"needs tensor {P2}::u, which the file lacks"),
     (_set(["entries", P2, "post_sha256"], 7), "post_sha256 is not a sha256 hex digest"),
     (_set(["entries", P2, "bytes"], "many"), "bytes is not a non-negative integer"),
