@@ -75,8 +75,12 @@ def _work_rank(rank: int, size: int, init: str, out: str) -> None:
 
 
 def test_two_gloo_ranks_give_the_one_process_values_scores_and_perplexity(tmp_path):
-    torch.set_num_threads(1)
-    one = _work(tiny_model("llama"), tiny_tokenizer())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' arithmetic: bit-equality holds at equal threads
+    try:
+        one = _work(tiny_model("llama"), tiny_tokenizer())
+    finally:
+        torch.set_num_threads(threads)  # later tests in this process run as before
     out = str(tmp_path / "two.pt")
     mp.spawn(_work_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in (0, 1)]
