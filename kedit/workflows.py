@@ -340,11 +340,15 @@ def eval_model(config: RunConfig | None = None, diffs: Sequence[str | os.PathLik
 
 def load_chain(paths: Sequence[str | os.PathLike], trust: "Trust | None" = None) -> list[diffmod.Diff]:
     """Read diffs (their signatures verified), refuse what ``trust`` requires, check the order."""
+    return diffmod.check_chain(_read_trusted(paths, trust))
+
+
+def _read_trusted(paths: Sequence[str | os.PathLike], trust: "Trust | None") -> list[diffmod.Diff]:
     diffs = [diffmod.read(p) for p in paths]
     for d in diffs:
         if trust is not None:
             trust.check(str(d.path), d.signatures)
-    return diffmod.check_chain(diffs)
+    return diffs
 
 
 def diff_dtype(diffs: Sequence[diffmod.Diff], dtype: str | None) -> str:
@@ -363,10 +367,7 @@ def verify(paths: Sequence[str], model: str | None = None, trust: "Trust | None"
     its signers (marked trusted or not with ``trust``). Diffs that are not a chain and name none
     of each other as parents are independent edits of one base: each is verified against the
     model alone, and every result says so (``"independent": true``)."""
-    diffs = [diffmod.read(p) for p in paths]
-    for d in diffs:
-        if trust is not None:
-            trust.check(str(d.path), d.signatures)
+    diffs = _read_trusted(paths, trust)
     independent = False
     try:
         diffmod.check_chain(diffs)
@@ -435,12 +436,9 @@ def export_peft(paths: Sequence[str], out: str | os.PathLike, model: str | None 
     with claimed(out, inputs=paths, overwrite=overwrite, folder=True):
         diffs = load_chain(paths, trust)
         lm, _, source = load(model, dtype=diff_dtype(diffs, None))
-        for d in diffs:  # the chain must start at this model
-            if diffmod.state(lm, d) != "base":
-                raise InputError(f"{d.path}: already applied to {source.name_or_path}; an adapter goes on the base")
-            diffmod.apply(lm, d)
-        for d in reversed(diffs):
-            diffmod.revert(lm, d)
+        # load_chain checked the order, so the chain starts at this model if its first diff does
+        if diffmod.state(lm, diffs[0]) != "base":
+            raise InputError(f"{diffs[0].path}: already applied to {source.name_or_path}; an adapter goes on the base")
         base = (diffs[0].manifest.get("base") or {}).get("hub_id") or source.name_or_path
         with atomic_dir(out) as tmp:
             return write_adapter(diffs, lm, tmp, base, svd_rank)
