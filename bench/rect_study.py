@@ -3,7 +3,7 @@ without ``rect:0.4``, general abilities on the paper's eight tasks (``rect-tasks
 
 The edits are the last 100 zsRE records, the ones ``bench/mend_train.py`` holds out of MEND's
 training. Parts (each resumable: every finished unit is merged into
-``bench/results/rect_study.json`` at once and skipped on the next run):
+``bench/results/rect_paper.json`` at once and skipped on the next run):
 
 - ``unedited``: the tasks on the unedited model, per task-sample seed.
 - ``single``: each of the first ``--single-n`` edits alone on the unedited model (token accuracy,
@@ -36,7 +36,7 @@ from lifelong import FixedBase, load_specs  # noqa: E402  (sets the runtime up b
 from lte import DATA, ROOT  # noqa: E402
 from mend_train import DEFAULT_OUT as MEND_ARTIFACT  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "rect_study.json"
+RESULTS = ROOT / "bench" / "results" / "rect_paper.json"  # rect_study.json: the earlier GLUE-suite study
 EDITORS = ("rome", "memit", "kn", "mend")
 REGS = ((), ("rect:0.4",))
 DRIFT_AT = (1, 5, 10, 15)
@@ -271,6 +271,69 @@ def report(path: Path) -> None:
             print(f"- {k} ({v['edits']} edits): rewrite kept {row}")
 
 
+def plots(path: Path, folder: Path) -> list[Path]:
+    """The sweep, the weight-change table and the tasks per run, as PNGs under ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = results(path)["units"]
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    sweeps = {k.split("/")[1]: v for k, v in units.items() if k.startswith("sweep/")}
+    if sweeps:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for editor, v in sorted(sweeps.items()):
+            full = max(v["keep"]["1.0"]["reliability"], 1e-9)
+            keeps = sorted(v["keep"], key=float)
+            ax.plot([float(k) for k in keeps], [v["keep"][k]["reliability"] / full for k in keeps], marker="o",
+                    label=f"{editor} ({v['edits']} edits)")
+        ax.axvline(0.4, color="grey", lw=0.8, ls=":")
+        ax.axhline(0.94, color="grey", lw=0.8, ls="--", label="the paper's 94%")
+        ax.set(xlabel="RECT keep fraction", ylabel="share of rewrite accuracy kept", ylim=(0, 1.05),
+               title="RECT sweep, zsRE (SmolLM2-135M)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(folder / "sweep.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    drifts = {k: v["drift"] for k, v in units.items() if v.get("drift")}
+    if drifts:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for k, d in sorted(drifts.items()):
+            ns = sorted(d, key=int)
+            label = "/".join(k.split("/")[1:3])
+            axes[0].plot([int(n) for n in ns], [d[n]["l1_distance"] for n in ns], marker="o", label=label)
+            axes[1].plot([int(n) for n in ns], [d[n]["share_rel_gt_0.077"] for n in ns], marker="o", label=label)
+        axes[0].set(xlabel="sequential edits", ylabel="Manhattan distance |W - W0|", yscale="log")
+        axes[1].set(xlabel="sequential edits", ylabel="share of elements with |dW/W| > 0.077")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(folder / "weight_change.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    base = [u["metrics"]["mean.score"] for k, u in units.items() if k.startswith("unedited/")]
+    runs = {}
+    for k, u in units.items():
+        if "/tasks/" in k and not k.startswith("unedited"):
+            runs.setdefault(k.split("/tasks/")[0], []).append(u["tasks"]["metrics"]["mean.score"])
+    if runs:
+        fig, ax = plt.subplots(figsize=(7, 0.3 * len(runs) + 1.5))
+        names = sorted(runs)
+        ax.barh(range(len(names)), [_mean(runs[n]) for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        if base:
+            ax.axvline(_mean(base), color="black", lw=1, label=f"unedited {_mean(base):.3f}")
+            ax.legend(fontsize=8)
+        ax.set(xlabel="rect-tasks-v1 mean score (mean over sample seeds)")
+        fig.tight_layout()
+        written.append(folder / "tasks.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", action="append", choices=["unedited", "single", "sequential", "batch", "sweep"])
@@ -284,9 +347,12 @@ def main() -> None:
     ap.add_argument("--mend", default=str(MEND_ARTIFACT), help="MEND artifact (bench/mend_train.py)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--plots", default=str(ROOT / "docs" / "rect-study" / "paper"), help="folder for the report's PNGs")
     args = ap.parse_args()
     if args.report:
         report(Path(args.results))
+        for p in plots(Path(args.results), Path(args.plots)):
+            print(f"plot: {p}")
         return
     args.editors = args.editor or list(EDITORS)
     args.seed_list = [int(s) for s in args.seeds.split(",")]

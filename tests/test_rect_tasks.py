@@ -12,6 +12,7 @@ from kedit_plugins.rect_tasks import (
     TASKS,
     RectTasks,
     RectTasksOptions,
+    continuations,
     load_items,
     ner_entities,
     ner_sentence,
@@ -92,10 +93,10 @@ class StandIn(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.tok, self.answer = tok, answer
 
-    def generate(self, input_ids, **_):
+    def generate(self, input_ids, attention_mask, **_):
         rows = []
-        for row in input_ids:
-            text = self.answer(self.tok.decode(row))
+        for row, mask in zip(input_ids, attention_mask):
+            text = self.answer(self.tok.decode(row[mask.bool()]))
             new = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
             rows.append(torch.cat([row, torch.tensor(new, dtype=row.dtype)]))
         width = max(len(r) for r in rows)
@@ -140,6 +141,20 @@ def test_the_evaluator_scores_an_oracle_1_and_a_mute_model_0(tmp_path):
         assert mute.metrics[f"{name}.score"] == 0.0, name
     assert mute.metrics["nli.answered"] == 0.0
     assert mute.info["open_qa"]["em_with_prompt"] == 1.0  # what the paper's script would have counted
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_left_padded_batches_generate_what_each_prompt_does_alone(kind):
+    from kedit.testing import tiny_model
+
+    tok, model = tiny_tokenizer(), tiny_model(kind)
+    prompts = ["the cat sat on", "a", "some longer prompt with many more words in it", "mat", "on the mat the"]
+    alone = [continuations(model, tok, [p], 6) for p in prompts]
+    together = continuations(model, tok, prompts, 6, batch_size=3)
+    assert together == [a[0] for a in alone]
+    lengths = sorted(len(tok(p)["input_ids"]) for p in prompts)
+    assert lengths[0] != lengths[2] and lengths[3] != lengths[4]  # both batches really are padded
+    assert all(together)  # something was generated
 
 
 def test_sampling_is_seeded_and_errors_name_the_file(tmp_path):
