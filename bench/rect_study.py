@@ -99,7 +99,7 @@ class Study:
         return dict(r.metrics if hasattr(r, "metrics") else r)
 
     def unit(self, key: str, fn) -> None:
-        if key in self.done:
+        if key in self.done or (self.args.skip_tasks and "/tasks/" in key):
             return
         t = time.perf_counter()
         value = fn()
@@ -149,6 +149,9 @@ class Study:
 
     def unedited(self) -> None:
         self.fresh()
+        for n in sorted({10, self.args.single_n, self.args.sweep_batch, 100}):
+            # the floor under edit success: what the unedited model already gets right
+            self.unit(f"unedited/token_acc/first{n}", lambda n=n: {"token_acc": self.token_acc(self.specs[:n])})
         for seed in self.args.seed_list:
             self.unit(f"unedited/seed{seed}", lambda s=seed: self.tasks(s))
 
@@ -193,7 +196,8 @@ class Study:
     def measured(self, tag: str, editor: str, regs, batches: list[list], at=()) -> None:
         """Edit ``batches`` in order, then token accuracy on all their edits (unit ``tag``) and the
         tasks per seed (``tag/tasks/seedN``); the model is restored afterwards."""
-        if tag in self.done and all(f"{tag}/tasks/seed{s}" in self.done for s in self.args.seed_list):
+        if tag in self.done and (self.args.skip_tasks or
+                                 all(f"{tag}/tasks/seed{s}" in self.done for s in self.args.seed_list)):
             return
         self.fresh()
         res = self.edited(editor, regs, batches, at=at)
@@ -244,15 +248,17 @@ def report(path: Path) -> None:
     units = results(path)["units"]
     print("## Unedited, rect-tasks-v1\n")
     for k, v in sorted(units.items()):
-        if k.startswith("unedited/"):
+        if k.startswith("unedited/seed"):
             print(f"- {k}: mean.score {v['metrics']['mean.score']:.3f} ({v['seconds']:.0f} s)")
     print("\n## Edit success (token accuracy) and general abilities\n")
     print("| run | rewrite | rephrase | locality | rect-tasks mean (seeds) |")
     print("|---|---|---|---|---|")
     for k, v in sorted(units.items()):
-        if "/tasks/" in k or k.startswith(("unedited", "sweep")):
+        if "/tasks/" in k or k.startswith("sweep"):
             continue
         tasks = [u["tasks"]["metrics"]["mean.score"] for kk, u in units.items() if kk.startswith(k + "/tasks/")]
+        if "token_acc" not in v:
+            continue
         ta = v["token_acc"]
         print(f"| {k} | {ta['reliability']:.3f} | {ta['generalization']:.3f} | {ta['locality']:.3f} | "
               + (", ".join(f"{t:.3f}" for t in tasks) or "–") + " |")
@@ -263,12 +269,21 @@ def report(path: Path) -> None:
         for n, d in sorted((v.get("drift") or {}).items(), key=lambda x: int(x[0])):
             print(f"| {k} | {n} | {d['l1_distance']:.4g} | {d['share_rel_gt_0.077']:.4f} | {d['share_rel_gt_0.171']:.4f} |")
     print("\n## RECT keep-fraction sweep (share of edit success kept, against keep 1.0)\n")
+    keeps = [f"{0.1 * i:.1f}" for i in range(1, 11)]
+    print("| run | edits | rewrite, unedited | " + " | ".join(keeps) + " |")
+    print("|---|---|---|" + "---|" * len(keeps))
     for k, v in sorted(units.items()):
         if k.startswith("sweep/"):
-            full = v["keep"]["1.0"]
-            row = " ".join(f"{kk}: {x['reliability'] / max(full['reliability'], 1e-9):.2f}"
-                           for kk, x in v["keep"].items())
-            print(f"- {k} ({v['edits']} edits): rewrite kept {row}")
+            floor = units.get(f"unedited/token_acc/first{v['edits']}", {}).get("token_acc", {}).get("reliability")
+            full = v["keep"]["1.0"]["reliability"]
+            print(f"| {k} rewrite | {v['edits']} | {'–' if floor is None else f'{floor:.3f}'} | "
+                  + " | ".join(f"{v['keep'][kk]['reliability']:.3f}" for kk in keeps) + " |")
+            print(f"| {k} share kept | | | " + " | ".join(f"{v['keep'][kk]['reliability'] / full:.2f}" for kk in keeps)
+                  + " |")
+            if floor is not None and full > floor:
+                print(f"| {k} share of the gain kept | | | "
+                      + " | ".join(f"{(v['keep'][kk]['reliability'] - floor) / (full - floor):.2f}" for kk in keeps)
+                      + " |")
 
 
 def plots(path: Path, folder: Path) -> list[Path]:
@@ -313,7 +328,7 @@ def plots(path: Path, folder: Path) -> list[Path]:
         written.append(folder / "weight_change.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    base = [u["metrics"]["mean.score"] for k, u in units.items() if k.startswith("unedited/")]
+    base = [u["metrics"]["mean.score"] for k, u in units.items() if k.startswith("unedited/seed")]
     runs = {}
     for k, u in units.items():
         if "/tasks/" in k and not k.startswith("unedited"):
@@ -341,6 +356,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1", help="task-sample seeds")
     ap.add_argument("--sample", type=int, default=50, help="examples per task and seed")
     ap.add_argument("--tasks", action="append", help="rect-tasks to run (default: all eight)")
+    ap.add_argument("--skip-tasks", action="store_true",
+                    help="edit success and weight change only; a later run without it adds the tasks")
     ap.add_argument("--single-n", type=int, default=10)
     ap.add_argument("--seq-n", type=int, default=100)
     ap.add_argument("--sweep-batch", type=int, default=50)
