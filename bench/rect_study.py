@@ -40,6 +40,7 @@ RESULTS = ROOT / "bench" / "results" / "rect_paper.json"  # rect_study.json: the
 EDITORS = ("rome", "memit", "kn", "mend")
 REGS = ((), ("rect:0.4",))
 DRIFT_AT = (1, 5, 10, 15)
+BATCHES = (10, 50, 100)
 
 
 def results(path: Path) -> dict:
@@ -99,7 +100,7 @@ class Study:
         return dict(r.metrics if hasattr(r, "metrics") else r)
 
     def unit(self, key: str, fn) -> None:
-        if key in self.done or (self.args.skip_tasks and "/tasks/" in key):
+        if key in self.done:
             return
         t = time.perf_counter()
         value = fn()
@@ -149,7 +150,7 @@ class Study:
 
     def unedited(self) -> None:
         self.fresh()
-        for n in sorted({10, self.args.single_n, self.args.sweep_batch, 100}):
+        for n in sorted({*BATCHES, self.args.single_n, self.args.sweep_batch}):
             # the floor under edit success: what the unedited model already gets right
             self.unit(f"unedited/token_acc/first{n}", lambda n=n: {"token_acc": self.token_acc(self.specs[:n])})
         for seed in self.args.seed_list:
@@ -170,15 +171,15 @@ class Study:
                         self.restore()
                     return {"n": n, "token_acc": {k: _mean(a[k] for a in accs) for k in accs[0]}}
                 self.unit(tag, run)
-                for seed in self.args.seed_list:
-                    def tasks(editor=editor, regs=regs, seed=seed):
-                        self.fresh()
-                        self.edited(editor, regs, [[self.specs[0]]])
-                        try:
-                            return {"tasks": self.tasks(seed)}
-                        finally:
-                            self.restore()
-                    self.unit(f"{tag}/tasks/seed{seed}", tasks)
+
+                def tasks(seed, editor=editor, regs=regs):
+                    self.fresh()
+                    self.edited(editor, regs, [[self.specs[0]]])
+                    try:
+                        return {"tasks": self.tasks(seed)}
+                    finally:
+                        self.restore()
+                self.task_units(tag, tasks)
 
     def sequential(self) -> None:
         n = self.args.seq_n
@@ -189,23 +190,30 @@ class Study:
 
     def batch(self) -> None:
         for editor in [e for e in self.args.editors if e in ("memit", "mend")]:
-            for size in (10, 50, 100):
+            for size in BATCHES:
                 for regs in REGS:
                     self.measured(f"batch/{editor}/{_reg_tag(regs)}/b{size}", editor, regs, [self.specs[:size]])
 
     def measured(self, tag: str, editor: str, regs, batches: list[list], at=()) -> None:
         """Edit ``batches`` in order, then token accuracy on all their edits (unit ``tag``) and the
         tasks per seed (``tag/tasks/seedN``); the model is restored afterwards."""
-        if tag in self.done and (self.args.skip_tasks or
-                                 all(f"{tag}/tasks/seed{s}" in self.done for s in self.args.seed_list)):
+        if tag in self.done and not self.tasks_missing(tag):
             return
         self.fresh()
         res = self.edited(editor, regs, batches, at=at)
         res["token_acc"] = self.token_acc([s for b in batches for s in b])
         self.unit(tag, lambda: res)
-        for seed in self.args.seed_list:
-            self.unit(f"{tag}/tasks/seed{seed}", lambda seed=seed: {"tasks": self.tasks(seed)})
+        self.task_units(tag, lambda seed: {"tasks": self.tasks(seed)})
         self.restore()
+
+    def tasks_missing(self, tag: str) -> list[int]:
+        """The seeds whose task unit under ``tag`` this run should still make."""
+        return [] if self.args.skip_tasks else \
+            [s for s in self.args.seed_list if f"{tag}/tasks/seed{s}" not in self.done]
+
+    def task_units(self, tag: str, fn) -> None:
+        for seed in self.tasks_missing(tag):
+            self.unit(f"{tag}/tasks/seed{seed}", lambda seed=seed: fn(seed))
 
     def sweep(self) -> None:
         from kedit import diff as diffmod
@@ -256,9 +264,9 @@ def report(path: Path) -> None:
     for k, v in sorted(units.items()):
         if "/tasks/" in k or k.startswith("sweep"):
             continue
-        tasks = [u["tasks"]["metrics"]["mean.score"] for kk, u in units.items() if kk.startswith(k + "/tasks/")]
         if "token_acc" not in v:
             continue
+        tasks = [u["tasks"]["metrics"]["mean.score"] for kk, u in units.items() if kk.startswith(k + "/tasks/")]
         ta = v["token_acc"]
         print(f"| {k} | {ta['reliability']:.3f} | {ta['generalization']:.3f} | {ta['locality']:.3f} | "
               + (", ".join(f"{t:.3f}" for t in tasks) or "–") + " |")
