@@ -40,6 +40,7 @@ RESULTS = ROOT / "bench" / "results" / "rect_paper.json"  # rect_study.json: the
 EDITORS = ("rome", "memit", "kn", "mend")
 REGS = ((), ("rect:0.4",))
 DRIFT_AT = (1, 5, 10, 15)
+ACC_AT = (10, 25, 50)  # token accuracy on the edits so far, along a sequence (the end is always measured)
 BATCHES = (10, 50, 100)
 
 
@@ -109,9 +110,10 @@ class Study:
         self.done.add(key)
         print(f"{key}: {json.dumps(value)[:400]}", file=sys.stderr, flush=True)
 
-    def edited(self, editor: str, regs, batches: list[list], at=()) -> dict:
+    def edited(self, editor: str, regs, batches: list[list], at=(), acc_at=()) -> dict:
         """Apply ``batches`` in order (each computed on the model the earlier ones left); the
-        drift after the counts in ``at``. The model is edited on return (see :meth:`restore`)."""
+        drift after the counts in ``at``, token accuracy on the edits so far after those in
+        ``acc_at``. The model is edited on return (see :meth:`restore`)."""
         from kedit import diff as diffmod
         from kedit.editing import SequenceStep, compute_diff
         from kedit.sequence import BaseStats, drift
@@ -119,8 +121,8 @@ class Study:
         plan = self.plan(editor, regs)
         plan.stats = BaseStats(plan.stats, self.base)
         state: dict = {}
-        out: dict[str, Any] = {"drift": {}}
-        edits, t = 0, time.perf_counter()
+        out: dict[str, Any] = {"drift": {}, "token_acc_at": {}}
+        edits, t, acc_seconds = 0, time.perf_counter(), 0.0
         for batch in batches:
             d = compute_diff(self.loaded, batch, plan, sequence=SequenceStep(self.base, state))
             self.base.keep(d.deltas)
@@ -132,7 +134,11 @@ class Study:
                                        "share_rel_gt_0.077": _mean(r["share_rel_gt_0.077"] for r in rows.values()),
                                        "share_rel_gt_0.171": _mean(r["share_rel_gt_0.171"] for r in rows.values()),
                                        "matrices": len(rows)}
-        out["edit_seconds"] = round(time.perf_counter() - t, 1)
+            if edits in acc_at:
+                t_acc = time.perf_counter()
+                out["token_acc_at"][edits] = self.token_acc([s for b in batches for s in b][:edits])
+                acc_seconds += time.perf_counter() - t_acc
+        out["edit_seconds"] = round(time.perf_counter() - t - acc_seconds, 1)
         return out
 
     def fresh(self) -> None:
@@ -186,7 +192,7 @@ class Study:
         for editor in self.args.editors:
             for regs in REGS:
                 self.measured(f"sequential/{editor}/{_reg_tag(regs)}/n{n}", editor, regs,
-                              [[s] for s in self.specs[:n]], at=DRIFT_AT)
+                              [[s] for s in self.specs[:n]], at=DRIFT_AT, acc_at=[a for a in ACC_AT if a < n])
 
     def batch(self) -> None:
         for editor in [e for e in self.args.editors if e in ("memit", "mend")]:
@@ -194,13 +200,13 @@ class Study:
                 for regs in REGS:
                     self.measured(f"batch/{editor}/{_reg_tag(regs)}/b{size}", editor, regs, [self.specs[:size]])
 
-    def measured(self, tag: str, editor: str, regs, batches: list[list], at=()) -> None:
+    def measured(self, tag: str, editor: str, regs, batches: list[list], at=(), acc_at=()) -> None:
         """Edit ``batches`` in order, then token accuracy on all their edits (unit ``tag``) and the
         tasks per seed (``tag/tasks/seedN``); the model is restored afterwards."""
         if tag in self.done and not self.tasks_missing(tag):
             return
         self.fresh()
-        res = self.edited(editor, regs, batches, at=at)
+        res = self.edited(editor, regs, batches, at=at, acc_at=acc_at)
         res["token_acc"] = self.token_acc([s for b in batches for s in b])
         self.unit(tag, lambda: res)
         self.task_units(tag, lambda seed: {"tasks": self.tasks(seed)})
@@ -270,6 +276,16 @@ def report(path: Path) -> None:
         ta = v["token_acc"]
         print(f"| {k} | {ta['reliability']:.3f} | {ta['generalization']:.3f} | {ta['locality']:.3f} | "
               + (", ".join(f"{t:.3f}" for t in tasks) or "–") + " |")
+    tasks_table(units)
+    curves = {k: v["token_acc_at"] for k, v in units.items() if v.get("token_acc_at")}
+    if curves:
+        print("\n## Sequential editing: token accuracy on all edits so far\n")
+        print("| run | edits | rewrite | rephrase | locality |")
+        print("|---|---|---|---|---|")
+        for k, c in sorted(curves.items()):
+            end = int(k.rsplit("/n", 1)[1])
+            for n, ta in sorted({**c, str(end): units[k]["token_acc"]}.items(), key=lambda x: int(x[0])):
+                print(f"| {k} | {n} | {ta['reliability']:.3f} | {ta['generalization']:.3f} | {ta['locality']:.3f} |")
     print("\n## Weight change after sequential edits (the paper's table)\n")
     print("| run | edits | Manhattan distance | share δ > 0.077 | share δ > 0.171 |")
     print("|---|---|---|---|---|")
@@ -292,6 +308,31 @@ def report(path: Path) -> None:
                 print(f"| {k} share of the gain kept | | | "
                       + " | ".join(f"{(v['keep'][kk]['reliability'] - floor) / (full - floor):.2f}" for kk in keeps)
                       + " |")
+
+
+def _task_scores(units: dict, prefix: str) -> dict[int, dict[str, float]]:
+    """Seed -> the task metrics of the units ``{prefix}seedN``."""
+    return {int(k.rsplit("seed", 1)[1]): (u.get("tasks") or u)["metrics"] for k, u in units.items()
+            if k.startswith(prefix) and k[len(prefix):].startswith("seed")}
+
+
+def tasks_table(units: dict) -> None:
+    """Per task, the mean over sample seeds; the last column is the change of the mean score from
+    the unedited model on the same samples, per seed (paired: a seed fixes the examples)."""
+    base = _task_scores(units, "unedited/")
+    runs = sorted({k.split("/tasks/")[0] for k in units if "/tasks/seed" in k})
+    if not base or not runs:
+        return
+    names = sorted(n for n in next(iter(base.values())) if n.endswith(".score") and n != "mean.score")
+    print("\n## General abilities (rect-tasks-v1), mean over sample seeds\n")
+    print("| run | seeds | " + " | ".join(n[:-6] for n in names) + " | mean | change of mean, per seed |")
+    print("|---|---|" + "---|" * (len(names) + 2))
+    for run, scores in [("unedited", base)] + [(r, _task_scores(units, r + "/tasks/")) for r in runs]:
+        diffs = [scores[s]["mean.score"] - base[s]["mean.score"] for s in sorted(scores) if s in base]
+        print(f"| {run} | {','.join(map(str, sorted(scores)))} | "
+              + " | ".join(f"{_mean(m[n] for m in scores.values()):.3f}" for n in names)
+              + f" | {_mean(m['mean.score'] for m in scores.values()):.3f} | "
+              + ("–" if run == "unedited" else ", ".join(f"{d:+.3f}" for d in diffs)) + " |")
 
 
 def plots(path: Path, folder: Path) -> list[Path]:
