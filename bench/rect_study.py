@@ -165,7 +165,7 @@ class Study:
     def single(self) -> None:
         n = self.args.single_n
         for editor in self.args.editors:
-            for regs in REGS:
+            for regs in self.args.regs:
                 tag = f"single/{editor}/{_reg_tag(regs)}"
 
                 def run(editor=editor, regs=regs):
@@ -190,14 +190,14 @@ class Study:
     def sequential(self) -> None:
         n = self.args.seq_n
         for editor in self.args.editors:
-            for regs in REGS:
+            for regs in self.args.regs:
                 self.measured(f"sequential/{editor}/{_reg_tag(regs)}/n{n}", editor, regs,
                               [[s] for s in self.specs[:n]], at=DRIFT_AT, acc_at=[a for a in ACC_AT if a < n])
 
     def batch(self) -> None:
         for editor in [e for e in self.args.editors if e in ("memit", "mend")]:
             for size in BATCHES:
-                for regs in REGS:
+                for regs in self.args.regs:
                     self.measured(f"batch/{editor}/{_reg_tag(regs)}/b{size}", editor, regs, [self.specs[:size]])
 
     def measured(self, tag: str, editor: str, regs, batches: list[list], at=(), acc_at=()) -> None:
@@ -402,6 +402,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", action="append", choices=["unedited", "single", "sequential", "batch", "sweep"])
     ap.add_argument("--editor", action="append", choices=EDITORS, help="default: all four")
+    ap.add_argument("--reg", action="append", choices=[_reg_tag(r) for r in REGS],
+                    help="with or without RECT (default: both)")
     ap.add_argument("--seeds", default="0,1", help="task-sample seeds")
     ap.add_argument("--sample", type=int, default=50, help="examples per task and seed")
     ap.add_argument("--tasks", action="append", help="rect-tasks to run (default: all eight)")
@@ -421,6 +423,7 @@ def main() -> None:
             print(f"plot: {p}")
         return
     args.editors = args.editor or list(EDITORS)
+    args.regs = [r for r in REGS if not args.reg or _reg_tag(r) in args.reg]
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     if "mend" in args.editors and not Path(args.mend).is_file():
         sys.exit(f"{args.mend}: no MEND artifact; run bench/mend_train.py first or leave mend out (--editor ...)")
