@@ -116,6 +116,7 @@ class Study:
         ``acc_at``. The model is edited on return (see :meth:`restore`)."""
         from kedit import diff as diffmod
         from kedit.editing import SequenceStep, compute_diff
+        from kedit.errors import KeditError
         from kedit.sequence import BaseStats, drift
 
         plan = self.plan(editor, regs)
@@ -124,9 +125,14 @@ class Study:
         out: dict[str, Any] = {"drift": {}, "token_acc_at": {}}
         edits, t, acc_seconds = 0, time.perf_counter(), 0.0
         for batch in batches:
-            d = compute_diff(self.loaded, batch, plan, sequence=SequenceStep(self.base, state))
-            self.base.keep(d.deltas)
-            diffmod.apply(self.model, d)
+            try:
+                d = compute_diff(self.loaded, batch, plan, sequence=SequenceStep(self.base, state))
+            except KeditError as e:  # e.g. kn on a collapsed model: no neuron to move; the edit is not made
+                out.setdefault("failed", []).append({"after": edits, "edits": len(batch), "error": str(e)[:300]})
+                print(f"{editor}: edit {edits + 1} failed: {e}", file=sys.stderr, flush=True)
+            else:
+                self.base.keep(d.deltas)
+                diffmod.apply(self.model, d)
             edits += len(batch)
             if edits in at:
                 rows = drift(self.model, self.base, sorted(self.base._weights))
@@ -276,6 +282,11 @@ def report(path: Path) -> None:
         ta = v["token_acc"]
         print(f"| {k} | {ta['reliability']:.3f} | {ta['generalization']:.3f} | {ta['locality']:.3f} | "
               + (", ".join(f"{t:.3f}" for t in tasks) or "–") + " |")
+    for k, v in sorted(units.items()):
+        if v.get("failed"):
+            f = v["failed"]
+            print(f"\n- {k}: {sum(x['edits'] for x in f)} edits could not be made and were skipped, the first "
+                  f"after {f[0]['after']} edits ({f[0]['error'][:160]})")
     tasks_table(units)
     curves = {k: v["token_acc_at"] for k, v in units.items() if v.get("token_acc_at")}
     if curves:

@@ -86,6 +86,17 @@ class KN(Editor):
             scores = [attribute(model, tokenizer, arch, t.replace("{}", prompt), answer, options)
                       for t in templates]
             neurons = select(scores, options.adaptive_threshold, options.p, options.max_neurons)
+            if not neurons:
+                # all attributions <= 0 (a model that gives the answer no probability to attribute,
+                # e.g. one broken by earlier edits): there is no neuron to move, so no edit to make
+                import torch
+
+                from kedit.errors import KeditError
+
+                top = max(float(torch.nan_to_num(s, nan=float("-inf")).max()) for s in scores)
+                raise KeditError(f"kn: no neuron passes the selection for edit {spec.id or prompt!r} (largest "
+                                 f"attribution {top:.3g}; a neuron must score above adaptive_threshold × the "
+                                 f"largest, which needs a positive largest): the edit cannot be made")
             selected.append(len(neurons))
             if len(new) == 1:
                 change = options.scale * (emb[new[0]].double() - emb[old[0]].double())

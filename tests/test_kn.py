@@ -164,3 +164,17 @@ def test_template_prompts_select_by_agreement_across_the_six_phrasings():
     want = select(scores, opts.adaptive_threshold, 0.5)
     assert d.manifest["report"]["kn"]["neurons_per_edit"] == [len(want)]
     assert len(want) < len(select(scores[:1], opts.adaptive_threshold, 0.5))  # agreement prunes
+
+
+def test_an_edit_with_no_neuron_to_move_is_refused_by_name(monkeypatch):
+    """On a model whose attributions are all <= 0 (as after KN's collapse in a long sequence) no
+    neuron passes the selection: the edit fails naming the spec, never a silent empty delta."""
+    import kedit_plugins.kn as kn
+    from kedit.errors import KeditError
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    monkeypatch.setattr(kn, "attribute", lambda *a, **k: -torch.rand(2, 8, dtype=torch.float64))
+    spec = EditSpec(**{**TINY_SPECS[0], "id": "fact-7"})
+    plan = EditPlan.make(model, "kn", {"prompts": "edit", "steps": 2}, seed=0)
+    with pytest.raises(KeditError, match=r"kn: no neuron passes the selection for edit 'fact-7' \(largest attribution -"):
+        compute_diff(LoadedModel(model, tok, SOURCE), [spec], plan)
