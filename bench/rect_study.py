@@ -376,9 +376,13 @@ def plots(path: Path, folder: Path) -> list[Path]:
     drifts = {k: v["drift"] for k, v in units.items() if v.get("drift")}
     if drifts:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        seen = set()  # the same editor and regularizer to 15 and to 100 edits: the same first 15 (deterministic)
         for k, d in sorted(drifts.items()):
             ns = sorted(d, key=int)
             label = "/".join(k.split("/")[1:3])
+            if label in seen:
+                continue
+            seen.add(label)
             axes[0].plot([int(n) for n in ns], [d[n]["l1_distance"] for n in ns], marker="o", label=label)
             axes[1].plot([int(n) for n in ns], [d[n]["share_rel_gt_0.077"] for n in ns], marker="o", label=label)
         axes[0].set(xlabel="sequential edits", ylabel="Manhattan distance |W - W0|", yscale="log")
