@@ -122,6 +122,7 @@ class Study:
         plan = self.plan(editor, regs)
         plan.stats = BaseStats(plan.stats, self.base)
         state: dict = {}
+        specs = [s for b in batches for s in b]
         out: dict[str, Any] = {"drift": {}, "token_acc_at": {}}
         edits, t, acc_seconds = 0, time.perf_counter(), 0.0
         for batch in batches:
@@ -142,7 +143,7 @@ class Study:
                                        "matrices": len(rows)}
             if edits in acc_at:
                 t_acc = time.perf_counter()
-                out["token_acc_at"][edits] = self.token_acc([s for b in batches for s in b][:edits])
+                out["token_acc_at"][edits] = self.token_acc(specs[:edits])
                 acc_seconds += time.perf_counter() - t_acc
         out["edit_seconds"] = round(time.perf_counter() - t - acc_seconds, 1)
         return out
