@@ -216,6 +216,11 @@ class Study:
         self.fresh()
         res = self.edited(editor, regs, batches, at=at, acc_at=acc_at)
         res["token_acc"] = self.token_acc([s for b in batches for s in b])
+        if tag in self.done:  # edited again for its tasks: say whether the edit reproduced
+            was = results(self.path)["units"][tag]["token_acc"]
+            gap = max(abs(res["token_acc"][m] - was[m]) for m in was)
+            print(f"{tag}: edited again for the tasks; token accuracy {'reproduced' if gap < 1e-9 else f'differs by {gap:.3g}'}",
+                  file=sys.stderr, flush=True)
         self.unit(tag, lambda: res)
         self.task_units(tag, lambda seed: {"tasks": self.tasks(seed)})
         self.restore()
