@@ -303,8 +303,9 @@ def report(path: Path) -> None:
     for k, v in sorted(units.items()):
         if v.get("failed"):
             f = v["failed"]
-            print(f"\n- {k}: {sum(x['edits'] for x in f)} edits could not be made and were skipped, the first "
-                  f"after {f[0]['after']} edits ({f[0]['error'][:160]})")
+            n = sum(x["edits"] for x in f)
+            print(f"\n- {k}: {n} {'edit' if n == 1 else 'edits'} could not be made and {'was' if n == 1 else 'were'} "
+                  f"skipped, {'' if n == 1 else 'the first '}after {f[0]['after']} edits ({f[0]['error'][:200]})")
     tasks_table(units)
     curves = {k: v["token_acc_at"] for k, v in units.items() if v.get("token_acc_at")}
     if curves:
