@@ -353,7 +353,7 @@ def tasks_table(units: dict) -> None:
     """Per task, the mean over sample seeds; the last column is the change of the mean score from
     the unedited model on the same samples, per seed (paired: a seed fixes the examples)."""
     base = _task_scores(units, "unedited/")
-    runs = sorted({k.split("/tasks/")[0] for k in units if "/tasks/seed" in k})
+    runs = sorted({k.split("/tasks/")[0] for k in units if "/tasks/seed" in k}, key=_natural)
     if not base or not runs:
         return
     names = sorted(n for n in next(iter(base.values())) if n.endswith(".score") and n != "mean.score")
