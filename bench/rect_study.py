@@ -277,6 +277,15 @@ def _repeats(short: dict, long: dict | None, rtol: float = 1e-5) -> bool:
         n in long and all(abs(long[n][m] - d[m]) <= rtol * max(1.0, abs(d[m])) for m in d) for n, d in short.items())
 
 
+def _drifts(units: dict) -> dict[str, dict]:
+    """Each run's weight-change rows, less those a longer run of the same editor repeats exactly
+    (a run to 15 edits and one to 100 share their first 15: the sequence is deterministic)."""
+    drifts = {k: v["drift"] for k, v in units.items() if v.get("drift")}
+    return {k: d for k, d in drifts.items()
+            if not any(_repeats(d, dd) for kk, dd in drifts.items()
+                       if kk.rsplit("/n", 1)[0] == k.rsplit("/n", 1)[0] and _natural(kk) > _natural(k))}
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -319,11 +328,8 @@ def report(path: Path) -> None:
     print("\n## Weight change after sequential edits (the paper's table)\n")
     print("| run | edits | Manhattan distance | share δ > 0.077 | share δ > 0.171 |")
     print("|---|---|---|---|---|")
-    for k, v in sorted(units.items(), key=lambda kv: _natural(kv[0])):
-        if v.get("drift") and any(_repeats(v["drift"], u.get("drift")) for kk, u in units.items()
-                                  if kk.rsplit("/n", 1)[0] == k.rsplit("/n", 1)[0] and _natural(kk) > _natural(k)):
-            continue  # a longer run of the same editor repeats these rows exactly
-        for n, d in sorted((v.get("drift") or {}).items(), key=lambda x: int(x[0])):
+    for k, rows in sorted(_drifts(units).items(), key=lambda kv: _natural(kv[0])):
+        for n, d in sorted(rows.items(), key=lambda x: int(x[0])):
             print(f"| {k} | {n} | {d['l1_distance']:.4g} | {d['share_rel_gt_0.077']:.4f} | {d['share_rel_gt_0.171']:.4f} |")
     print("\n## RECT keep-fraction sweep (share of edit success kept, against keep 1.0)\n")
     keeps = [f"{0.1 * i:.1f}" for i in range(1, 11)]
@@ -395,16 +401,12 @@ def plots(path: Path, folder: Path) -> list[Path]:
         written.append(folder / "sweep.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    drifts = {k: v["drift"] for k, v in units.items() if v.get("drift")}
+    drifts = _drifts(units)
     if drifts:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        seen = set()  # the same editor and regularizer to 15 and to 100 edits: the same first 15 (deterministic)
         for k, d in sorted(drifts.items()):
             ns = sorted(d, key=int)
             label = "/".join(k.split("/")[1:3])
-            if label in seen:
-                continue
-            seen.add(label)
             axes[0].plot([int(n) for n in ns], [d[n]["l1_distance"] for n in ns], marker="o", label=label)
             axes[1].plot([int(n) for n in ns], [d[n]["share_rel_gt_0.077"] for n in ns], marker="o", label=label)
         axes[0].set(xlabel="sequential edits", ylabel="Manhattan distance |W - W0|", yscale="log")
