@@ -87,7 +87,7 @@ def main() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         print(f"{key}: {secs:.1f} s", file=sys.stderr)
-    print(f"| work | " + " | ".join(f"{n} process{'es' if n > 1 else ''}" for n in counts) + " | speed-up | equal |")
+    print("| work | " + " | ".join(f"{n} process{'es' if n > 1 else ''}" for n in counts) + " | speed-up | equal |")
     print("|---|" + "---|" * (len(counts) + 2))
     what = {"stats": f"key statistics, 5 layers, {args.stats_tokens:,} tokens (incl. model load)",
             "memit": f"MEMIT batch of {args.edits} (incl. load and before/after scoring)",

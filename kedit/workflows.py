@@ -20,7 +20,6 @@ from .locking import exclusive
 from .models import load
 from .outputs import claimed
 from .paradigms import Schedule, check_new_chain, new_chain, run_sequence
-from .scoring import target_probs
 from .sequence import CHAIN_FILE, Chain
 from .spec import EditSpec, read_specs
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import needs_shared
 import torch
+from conftest import needs_shared
 
 from kedit import diff as diffmod
 from kedit.models import load

@@ -7,8 +7,8 @@ import math
 from types import SimpleNamespace
 
 import pytest
-from conftest import needs_shared
 import torch
+from conftest import needs_shared
 
 from kedit.evaluate import Evaluation, mean_ci, model_fingerprint, resolve_evaluators, split_eval_list
 from kedit.scoring import TeacherForced, target_ids

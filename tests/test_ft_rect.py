@@ -5,13 +5,13 @@ import pytest
 import torch
 from conftest import TINY_SPECS
 
+from kedit import delta as D
 from kedit import diff as diffmod
 from kedit.editing import EditPlan, compute_diff
 from kedit.models import LoadedModel, ModelSource
+from kedit.plugins import lookup
 from kedit.scoring import target_probs
 from kedit.spec import EditSpec
-from kedit import delta as D
-from kedit.plugins import lookup
 from kedit.testing import tiny_model, tiny_tokenizer
 
 SOURCE = ModelSource("tiny", None, "folder")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import needs_shared, SHARED, TINY_SPECS, write_jsonl
+from conftest import SHARED, TINY_SPECS, needs_shared, write_jsonl
 
 from kedit.errors import InputError
 from kedit.spec import EditSpec, import_specs, read_specs, write_specs
