@@ -423,7 +423,7 @@ def plots(path: Path, folder: Path) -> list[Path]:
             runs.setdefault(k.split("/tasks/")[0], []).append(u["tasks"]["metrics"]["mean.score"])
     if runs:
         fig, ax = plt.subplots(figsize=(7, 0.3 * len(runs) + 1.5))
-        names = sorted(runs)
+        names = sorted(runs, key=_natural, reverse=True)  # barh draws bottom-up: the first run on top
         ax.barh(range(len(names)), [_mean(runs[n]) for n in names])
         ax.set_yticks(range(len(names)), names, fontsize=7)
         if base:
