@@ -327,10 +327,12 @@ def test_check_lengths_counts_tokens_against_the_context():
 
 
 def test_a_prompt_longer_than_the_context_is_refused_before_any_work(run_cli, tiny_dirs, workdir, monkeypatch):
-    def no_scoring(*args, **kwargs):
-        raise AssertionError("scored the specs")
+    def no_work(*args, **kwargs):
+        raise AssertionError("scored or edited the specs")
 
-    monkeypatch.setattr("kedit.workflows.target_probs", no_scoring)
+    # the refusal must come before the model scores or edits anything
+    monkeypatch.setattr("kedit.scoring.TeacherForced", no_work)
+    monkeypatch.setattr("kedit.workflows.compute_diff", no_work)
     write_jsonl(workdir / "s.jsonl", [TINY_SPECS[0], LONG])
     before = files_under(workdir)
     message = "s.jsonl:2 (spec 'long'): field 'prompt': the prompt and its target take"
