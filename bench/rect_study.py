@@ -355,11 +355,16 @@ def _task_scores(units: dict, prefix: str) -> dict[int, dict[str, float]]:
             if k.startswith(prefix) and k[len(prefix):].startswith("seed")}
 
 
+def _task_runs(units: dict) -> list[str]:
+    """The runs that have task scores, in the tables' natural order."""
+    return sorted({k.split("/tasks/")[0] for k in units if "/tasks/seed" in k}, key=_natural)
+
+
 def tasks_table(units: dict) -> None:
     """Per task, the mean over sample seeds; the last column is the change of the mean score from
     the unedited model on the same samples, per seed (paired: a seed fixes the examples)."""
     base = _task_scores(units, "unedited/")
-    runs = sorted({k.split("/tasks/")[0] for k in units if "/tasks/seed" in k}, key=_natural)
+    runs = _task_runs(units)
     if not base or not runs:
         return
     names = sorted(n for n in next(iter(base.values())) if n.endswith(".score") and n != "mean.score")
@@ -416,14 +421,11 @@ def plots(path: Path, folder: Path) -> list[Path]:
         written.append(folder / "weight_change.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    base = [u["metrics"]["mean.score"] for k, u in units.items() if k.startswith("unedited/seed")]
-    runs = {}
-    for k, u in units.items():
-        if "/tasks/" in k and not k.startswith("unedited"):
-            runs.setdefault(k.split("/tasks/")[0], []).append(u["tasks"]["metrics"]["mean.score"])
+    base = [m["mean.score"] for m in _task_scores(units, "unedited/").values()]
+    runs = {r: [m["mean.score"] for m in _task_scores(units, r + "/tasks/").values()] for r in _task_runs(units)}
     if runs:
         fig, ax = plt.subplots(figsize=(7, 0.3 * len(runs) + 1.5))
-        names = sorted(runs, key=_natural, reverse=True)  # barh draws bottom-up: the first run on top
+        names = list(reversed(runs))  # barh draws bottom-up: the first run on top
         ax.barh(range(len(names)), [_mean(runs[n]) for n in names])
         ax.set_yticks(range(len(names)), names, fontsize=7)
         if base:
