@@ -18,12 +18,17 @@ the unedited model (D4S's L1 analysis).
 Each run (protocol × method) lives in ``--work/PROTOCOL/LABEL``: at every checkpoint the edited
 matrices, the editor's carried state and ``run.json`` (the commit point, written last) are saved,
 so ``--continue`` resumes a run cut off anywhere from its last checkpoint, in a later session too.
-Results are merged into ``bench/results/lifelong.json`` (one entry per protocol and label).
+Results are merged into ``bench/results/lifelong.json`` (one entry per protocol and label); a run
+whose checkpoint is gone is not restarted over a stored result unless ``--replace`` says so (or
+``--results`` names another file). ``--reg rect:0.4`` runs a regularizer chain on every step's
+deltas, as ``kedit apply --reg`` does.
 
     python bench/lifelong.py --protocol zsre --method memit --method d4s --n 1000 --batch 1 --every 100
     python bench/lifelong.py --protocol zsre --method 'd4s:keys=reference' --n 1000 --batch 1 --continue
     python bench/lifelong.py --protocol counterfact --method 'memit:layers=[3,4,5,6,7,8,9,10,11]' --n 1000
     python bench/lifelong.py --report            # tables, correlations and plots from the results
+    python bench/lifelong.py --protocol counterfact --n 200 --every 100 --results bench/results/lifelong_200.json \
+        --method 'memit:stop_at_most_probable=true' --reg rect:0.4     # the 200-edit perplexity study
 
 Method texts are ``EDITOR[:KEY=VALUE,...]`` (values in JSON: lists, numbers, true/false; anything
 else is a string).
@@ -161,12 +166,20 @@ def save_checkpoint(run_dir: Path, record: dict, model: torch.nn.Module, base, s
                 (run_dir / name).unlink(missing_ok=True)
 
 
+def stored_edits(path: Path, protocol: str, label: str) -> int:
+    """How many edits ``path`` already holds for this run (0 if none): a fresh run must not
+    silently replace a longer one whose checkpoint is gone."""
+    if not path.is_file():
+        return 0
+    return int(json.loads(path.read_text())["runs"].get(f"{protocol}/{label}", {}).get("edits", 0))
+
+
 def merge_result(protocol: str, label: str, record: dict, path: Path) -> None:
     from kedit.atomic import atomic_write_text
 
     results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-    keep = {k: record[k] for k in ("protocol", "label", "editor", "options", "resolved", "n", "batch", "edits",
-                                   "points", "seconds", "stats", "unedited")}
+    keep = {k: record[k] for k in ("protocol", "label", "editor", "options", "resolved", "n", "batch", "regs", "edits",
+                                   "points", "seconds", "stats", "unedited") if k in record}
     results["runs"][f"{protocol}/{label}"] = keep
     atomic_write_text(path, json.dumps(results, indent=1) + "\n")
 
@@ -184,27 +197,35 @@ def run(protocol: str, method: str, args) -> dict:
     from kedit.stats import KeyStats
 
     editor, options = parse_method(method)
-    label = label_of(method) + (f"-b{args.batch}" if args.batch != default_batch(protocol) else "") + \
+    label = label_of(method) + "".join(f"+{label_of(r)}" for r in args.reg) + ("-in-loop" if args.reg_in_loop else "") + \
+        (f"-b{args.batch}" if args.batch != default_batch(protocol) else "") + \
         ("" if args.stats_corpus == str(WIKI) else f"-stats={label_of(Path(args.stats_corpus).name)}") + \
         ("" if args.stats_tokens == 1_000_000 else f"-{args.stats_tokens}tok")
     run_dir = Path(args.work) / protocol / label
     record_path = run_dir / "run.json"
     if record_path.is_file() and not args.continue_:
         raise SystemExit(f"{run_dir} holds a run already: --continue resumes it (or remove the folder)")
+    stored = stored_edits(Path(args.results), protocol, label)
+    if stored and not record_path.is_file() and not args.replace:
+        raise SystemExit(f"{args.results} already holds {protocol}/{label} ({stored} edits) and its checkpoint is not "
+                         f"in {run_dir}, so this run would replace it from 0 edits: pass --replace, or --results "
+                         "another file")
     run_dir.mkdir(parents=True, exist_ok=True)
     specs = load_specs(protocol, args.n)
     loaded = load(None, quiet=True)
     model, tok, _ = loaded
     config = RunConfig(quiet=True, seed=0)
     stats = KeyStats(corpus=args.stats_corpus, n_tokens=args.stats_tokens)
-    plan = EditPlan.make(model, editor, options, seed=0, stats=stats)
+    plan = EditPlan.make(model, editor, options, regs=args.reg, reg_in_loop=args.reg_in_loop, seed=0, stats=stats)
     chosen = resolve_evaluators(evaluators(protocol, args))
     originals: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if (record["editor"], record["options"], record["batch"]) != (editor, options, args.batch):
-            raise SystemExit(f"{run_dir}: made with {record['editor']} {record['options']} batch {record['batch']}")
+        if (record["editor"], record["options"], record["batch"], record.get("regs", [])) != \
+                (editor, options, args.batch, args.reg):
+            raise SystemExit(f"{run_dir}: made with {record['editor']} {record['options']} batch {record['batch']} "
+                             f"regularizers {record.get('regs', [])}")
         weights = load_file(str(run_dir / record["files"]["weights"]))
         state = {k: v for k, v in load_file(str(run_dir / record["files"]["state"])).items()}
         with torch.no_grad():
@@ -215,11 +236,12 @@ def run(protocol: str, method: str, args) -> dict:
         print(f"{protocol}/{label}: resuming at {record['edits']} edits", file=sys.stderr, flush=True)
     else:
         record = {"protocol": protocol, "label": label, "editor": editor, "options": options, "n": args.n,
-                  "batch": args.batch, "edits": 0, "points": [], "seconds": 0.0, "files": None,
+                  "batch": args.batch, "regs": list(args.reg), "reg_in_loop": args.reg_in_loop, "edits": 0,
+                  "points": [], "seconds": 0.0, "files": None,
                   "resolved": plan.options.model_dump(mode="json"),
                   "stats": {"corpus": args.stats_corpus, "n_tokens_requested": args.stats_tokens}}
     base = FixedBase(model, originals)
-    plan = EditPlan(plan.editor, plan.options, seed=0, stats=BaseStats(stats, base))
+    plan = EditPlan(plan.editor, plan.options, plan.regs, plan.reg_in_loop, seed=0, stats=BaseStats(stats, base))
     if record["edits"] == 0 and not record["points"]:  # the unedited model, once per protocol and n
         unedited = Path(args.work) / protocol / f"unedited-{args.n}-{label_of(','.join(evaluators(protocol, args)))}.json"
         if not unedited.is_file():
@@ -365,16 +387,18 @@ def report(args) -> None:
         c = pearson(pooled_x, pooled_y)
         print(f"- all runs pooled: {'n/a' if c is None else f'{c:+.3f}'} ({len(pooled_x)} checkpoints)")
         if args.plots:
-            plot(protocol, runs, acc_key, Path(args.plots))
+            plot(protocol, runs, acc_key, Path(args.plots) / f"{Path(args.results).stem}_{protocol}.png")
 
 
-def plot(protocol: str, runs: list[dict], acc_key: str, folder: Path) -> None:
+def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
+    """Accuracy and perplexity against edits, and accuracy against the L1 norm; the file is named
+    after the results file, so another study's plots never overwrite lifelong.json's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for r in sorted(runs, key=lambda r: r["label"]):
         xs = [p["edits"] for p in r["points"]]
@@ -391,7 +415,6 @@ def plot(protocol: str, runs: list[dict], acc_key: str, folder: Path) -> None:
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    out = folder / f"lifelong_{protocol}.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     print(f"wrote {out}", file=sys.stderr)
@@ -406,6 +429,11 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=None, help="checkpoint and evaluate every N edits "
                                                             "(default: 100 for zsre, 250 otherwise)")
     ap.add_argument("--continue", dest="continue_", action="store_true", help="resume runs from their checkpoint")
+    ap.add_argument("--replace", action="store_true", help="start a run afresh even though --results holds it "
+                                                           "(its checkpoint is gone)")
+    ap.add_argument("--reg", action="append", default=[], help="regularizer NAME[:VALUE] run on every step's "
+                                                               "deltas, e.g. rect:0.4; repeat for a chain")
+    ap.add_argument("--reg-in-loop", action="store_true", help="regularize inside the editor's layer loop")
     ap.add_argument("--stats-corpus", default=str(WIKI), help="statistics corpus: a file, or builtin (kedit's "
                                                               "default); default: the Wikipedia sample")
     ap.add_argument("--stats-tokens", type=int, default=1_000_000, help="tokens for C0 (default: all of the "
