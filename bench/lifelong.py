@@ -400,14 +400,15 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for r in sorted(runs, key=lambda r: r["label"]):
+    for i, r in enumerate(sorted(runs, key=lambda r: r["label"])):
+        style = {"marker": "o", "label": r["label"], "linestyle": ("-", "--", ":")[i // 10 % 3]}  # 10 colours a cycle
         xs = [p["edits"] for p in r["points"]]
         w = [sum(x["mean_abs_w"] for x in p["drift"].values()) / len(p["drift"]) for p in r["points"]]
         acc = [headline(p)[acc_key] for p in r["points"]]
         ppl = [headline(p)["ppl"] / headline(r["unedited"])["ppl"] - 1 for p in r["points"]]
-        axes[0].plot(xs, acc, marker="o", label=r["label"])
-        axes[1].plot(xs, [100 * v for v in ppl], marker="o", label=r["label"])
-        axes[2].plot(w, acc, marker="o", label=r["label"])
+        axes[0].plot(xs, acc, **style)
+        axes[1].plot(xs, [100 * v for v in ppl], **style)
+        axes[2].plot(w, acc, **style)
     axes[0].set(xlabel="edits", ylabel=acc_key, title=f"{protocol}: {acc_key} on all edits so far")
     axes[1].set(xlabel="edits", ylabel="perplexity increase (%)", title="WikiText-2 perplexity")
     axes[2].set(xlabel="mean |W| of the edited layers", ylabel=acc_key, title="L1 norm against accuracy")
