@@ -178,7 +178,8 @@ def merge_result(protocol: str, label: str, record: dict, path: Path) -> None:
     from kedit.atomic import atomic_write_text
 
     results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-    keep = {k: record[k] for k in ("protocol", "label", "editor", "options", "resolved", "n", "batch", "regs", "edits",
+    keep = {k: record[k] for k in ("protocol", "label", "editor", "options", "resolved", "n", "batch", "regs", "reg_in_loop",
+                                   "edits",
                                    "points", "seconds", "stats", "unedited") if k in record}
     results["runs"][f"{protocol}/{label}"] = keep
     atomic_write_text(path, json.dumps(results, indent=1) + "\n")
