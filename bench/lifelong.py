@@ -178,11 +178,23 @@ def merge_result(protocol: str, label: str, record: dict, path: Path) -> None:
     from kedit.atomic import atomic_write_text
 
     results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-    keep = {k: record[k] for k in ("protocol", "label", "editor", "options", "resolved", "n", "batch", "regs", "reg_in_loop",
-                                   "edits",
-                                   "points", "seconds", "stats", "unedited") if k in record}
+    keep = {k: record[k] for k in ("protocol", "label", "editor", "options", "resolved", "n", "batch", "regs",
+                                   "reg_in_loop", "edits", "points", "seconds", "stats", "unedited") if k in record}
     results["runs"][f"{protocol}/{label}"] = keep
     atomic_write_text(path, json.dumps(results, indent=1) + "\n")
+
+
+def run_label(protocol: str, method: str, args) -> str:
+    """The run's folder and results key: the method, then only what differs from the protocol's
+    defaults (regularizers, batch, statistics)."""
+    parts = [label_of(method), *(f"+{label_of(r)}" for r in args.reg), "-in-loop" if args.reg_in_loop else ""]
+    if args.batch != default_batch(protocol):
+        parts.append(f"-b{args.batch}")
+    if args.stats_corpus != str(WIKI):
+        parts.append(f"-stats={label_of(Path(args.stats_corpus).name)}")
+    if args.stats_tokens != 1_000_000:
+        parts.append(f"-{args.stats_tokens}tok")
+    return "".join(parts)
 
 
 def run(protocol: str, method: str, args) -> dict:
@@ -198,10 +210,7 @@ def run(protocol: str, method: str, args) -> dict:
     from kedit.stats import KeyStats
 
     editor, options = parse_method(method)
-    label = label_of(method) + "".join(f"+{label_of(r)}" for r in args.reg) + ("-in-loop" if args.reg_in_loop else "") + \
-        (f"-b{args.batch}" if args.batch != default_batch(protocol) else "") + \
-        ("" if args.stats_corpus == str(WIKI) else f"-stats={label_of(Path(args.stats_corpus).name)}") + \
-        ("" if args.stats_tokens == 1_000_000 else f"-{args.stats_tokens}tok")
+    label = run_label(protocol, method, args)
     run_dir = Path(args.work) / protocol / label
     record_path = run_dir / "run.json"
     if record_path.is_file() and not args.continue_:
