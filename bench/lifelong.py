@@ -421,6 +421,8 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
         axes[2].plot(w, acc, **style)
     axes[0].set(xlabel="edits", ylabel=acc_key, title=f"{protocol}: {acc_key} on all edits so far")
     axes[1].set(xlabel="edits", ylabel="perplexity increase (%)", title="WikiText-2 perplexity")
+    if max((y for line in axes[1].get_lines() for y in line.get_ydata()), default=0) > 1000:
+        axes[1].set_yscale("symlog", linthresh=10)  # a collapsed run (×100) would flatten the others
     axes[2].set(xlabel="mean |W| of the edited layers", ylabel=acc_key, title="L1 norm against accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
