@@ -410,6 +410,7 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    top = 0.0  # the largest perplexity increase plotted, in %
     for i, r in enumerate(sorted(runs, key=lambda r: r["label"])):
         style = {"marker": "o", "label": r["label"], "linestyle": ("-", "--", ":")[i // 10 % 3]}  # 10 colours a cycle
         xs = [p["edits"] for p in r["points"]]
@@ -418,10 +419,11 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
         ppl = [headline(p)["ppl"] / headline(r["unedited"])["ppl"] - 1 for p in r["points"]]
         axes[0].plot(xs, acc, **style)
         axes[1].plot(xs, [100 * v for v in ppl], **style)
+        top = max([top, *(100 * v for v in ppl)])
         axes[2].plot(w, acc, **style)
     axes[0].set(xlabel="edits", ylabel=acc_key, title=f"{protocol}: {acc_key} on all edits so far")
     axes[1].set(xlabel="edits", ylabel="perplexity increase (%)", title="WikiText-2 perplexity")
-    if max((y for line in axes[1].get_lines() for y in line.get_ydata()), default=0) > 1000:
+    if top > 1000:
         axes[1].set_yscale("symlog", linthresh=10)  # a collapsed run (×100) would flatten the others
     axes[2].set(xlabel="mean |W| of the edited layers", ylabel=acc_key, title="L1 norm against accuracy")
     for ax in axes:
