@@ -309,9 +309,27 @@ def point(chosen, specs, loaded, base, edits: int, config, names: set[str]) -> d
     out = {"edits": edits, "metrics": p["metrics"], "base": p["base"], "eval_seconds": round(time.perf_counter() - t0, 1)}
     if names:
         out["drift"] = {n: {"mean_abs_w": v["mean_abs_w"], "mean_abs_dw": v["mean_abs_dw"],
-                            "base_mean_abs_w": float(base.weight(n).double().abs().mean())}
+                            "base_mean_abs_w": float(base.weight(n).double().abs().mean()),
+                            **spectral(loaded.model.get_parameter(n), base.weight(n))}
                         for n, v in drift(loaded.model, base, sorted(names)).items()}
     return out
+
+
+def spectral(w: "torch.Tensor", w0: "torch.Tensor") -> dict[str, float]:
+    """ΔW's two largest singular values over W0's largest: the mean |W| of a layer averages over
+    ~900k entries and hardly moves when one direction runs away (sequential MEMIT on zsRE: ΔW's
+    top singular value 14× W0's at 998 edits, mean |W| +48%), so the top two are kept beside it."""
+    import torch
+
+    s = torch.linalg.svdvals((w.detach().double() - w0.double()).cpu())
+    top0 = float(torch.linalg.matrix_norm(w0.double().cpu(), ord=2))
+    return {"dw_sigma1_ratio": float(s[0]) / top0, "dw_sigma2_ratio": float(s[1]) / top0}
+
+
+def spectral_of(p: dict) -> float | None:
+    """The largest dw_sigma1_ratio over the edited layers; None for checkpoints from before it was recorded."""
+    vals = [x["dw_sigma1_ratio"] for x in (p.get("drift") or {}).values() if "dw_sigma1_ratio" in x]
+    return max(vals) if vals else None
 
 
 def headline(p: dict) -> dict[str, float]:
@@ -337,6 +355,24 @@ def line(p: dict) -> str:
         f" mean|W| {w:.5f} mean|ΔW| {dw:.2e} ({p.get('edit_seconds', 0):.0f}s editing)"
 
 
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Rank correlation: a run whose accuracy sits at the floor while its norm keeps growing has a
+    weak Pearson r although the two never move apart (ties get their mean rank)."""
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    return pearson(ranks(xs), ranks(ys))
+
+
 def pearson(xs: list[float], ys: list[float]) -> float | None:
     if len(xs) < 3:
         return None
@@ -346,6 +382,11 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     if sx == 0 or sy == 0:
         return None
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy)
+
+
+def correlations(xs: list[float], ys: list[float]) -> str:
+    c, rho = pearson(xs, ys), spearman(xs, ys)
+    return f"{'n/a' if c is None else f'{c:+.3f}'} ({'n/a' if rho is None else f'{rho:+.3f}'})"
 
 
 def report(args) -> None:
@@ -361,8 +402,8 @@ def report(args) -> None:
         print(f"\n### {protocol}\n")
         cols = list(headline(runs[0]["unedited"]).keys())
         print("| method | edits | " + " | ".join(cols) + " | ppl increase | mean \\|W\\| growth | mean \\|ΔW\\| | "
-              "v* steps | s per edit |")
-        print("|---|---|" + "---|" * (len(cols) + 5))
+              "max σ1(ΔW)/σ1(W0) | v* steps | s per edit |")
+        print("|---|---|" + "---|" * (len(cols) + 6))
         for r in sorted(runs, key=lambda r: r["label"]):
             u = headline(r["unedited"])
             for p in r["points"]:
@@ -374,8 +415,10 @@ def report(args) -> None:
                 dw = sum(x["mean_abs_dw"] for x in d.values()) / len(d)
                 base_w = sum(x["base_mean_abs_w"] for x in d.values()) / len(d)
                 steps = p.get("targets", {}).get("steps_mean")
+                sig = spectral_of(p)
                 print(f"| {r['label']} | {p['edits']} | " + " | ".join(f"{h[c]:.3f}" for c in cols) +
                       f" | {100 * (h['ppl'] / u['ppl'] - 1):+.1f}% | {100 * (w / base_w - 1):+.2f}% | {dw:.2e} | "
+                      f"{'-' if sig is None else f'{sig:.2f}'} | "
                       f"{'-' if steps is None else f'{steps:.1f}'} | {p['edit_seconds'] / p['edits']:.2f} |")
         shown = set()
         for r in runs:  # the unedited model on as many specs as each run's last checkpoint
@@ -384,18 +427,16 @@ def report(args) -> None:
                 shown.add(last["edits"])
                 u = headline({"metrics": last["base"]}) if "base" in last and last["edits"] else headline(last)
                 print(f"| unedited ({last['edits'] or r['n']} specs) | 0 | " + " | ".join(f"{u[c]:.3f}" for c in cols)
-                      + " | | | | | |")
-        print(f"\nPearson r between the edited layers' mean |W| and {acc_key} across checkpoints:")
+                      + " | | | | | | |")
+        print(f"\nPearson r (Spearman ρ) between the edited layers' mean |W| and {acc_key} across checkpoints:")
         pooled_x, pooled_y = [], []
         for r in sorted(runs, key=lambda r: r["label"]):
             xs = [sum(x["mean_abs_w"] for x in p["drift"].values()) / len(p["drift"]) for p in r["points"]]
             ys = [headline(p)[acc_key] for p in r["points"]]
             pooled_x += xs
             pooled_y += ys
-            c = pearson(xs, ys)
-            print(f"- {r['label']}: {'n/a' if c is None else f'{c:+.3f}'} ({len(xs)} checkpoints)")
-        c = pearson(pooled_x, pooled_y)
-        print(f"- all runs pooled: {'n/a' if c is None else f'{c:+.3f}'} ({len(pooled_x)} checkpoints)")
+            print(f"- {r['label']}: {correlations(xs, ys)} ({len(xs)} checkpoints)")
+        print(f"- all runs pooled: {correlations(pooled_x, pooled_y)} ({len(pooled_x)} checkpoints)")
         if args.plots:
             plot(protocol, runs, acc_key, Path(args.plots) / f"{Path(args.results).stem}_{protocol}.png")
 
