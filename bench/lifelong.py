@@ -450,7 +450,8 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    spectral_runs = any(spectral_of(p) is not None for r in runs for p in r["points"])
+    fig, axes = plt.subplots(1, 4 if spectral_runs else 3, figsize=(20 if spectral_runs else 15, 4))
     top = 0.0  # the largest perplexity increase plotted, in %
     for i, r in enumerate(sorted(runs, key=lambda r: r["label"])):
         style = {"marker": "o", "label": r["label"], "linestyle": ("-", "--", ":")[i // 10 % 3]}  # 10 colours a cycle
@@ -462,11 +463,18 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
         axes[1].plot(xs, [100 * v for v in ppl], **style)
         top = max([top, *(100 * v for v in ppl)])
         axes[2].plot(w, acc, **style)
+        if spectral_runs:
+            sig = [(p["edits"], spectral_of(p)) for p in r["points"] if spectral_of(p) is not None]
+            axes[3].plot([e for e, _ in sig], [v for _, v in sig], **style)
     axes[0].set(xlabel="edits", ylabel=acc_key, title=f"{protocol}: {acc_key} on all edits so far")
     axes[1].set(xlabel="edits", ylabel="perplexity increase (%)", title="WikiText-2 perplexity")
     if top > 1000:
         axes[1].set_yscale("symlog", linthresh=10)  # a collapsed run (×100) would flatten the others
     axes[2].set(xlabel="mean |W| of the edited layers", ylabel=acc_key, title="L1 norm against accuracy")
+    if spectral_runs:
+        axes[3].set(xlabel="edits", ylabel="max over layers of σ1(ΔW) / σ1(W0)", title="spectral norm of the update")
+        axes[3].set_yscale("log")
+        axes[3].set_xlim(axes[0].get_xlim())  # runs from before it was recorded have their last point only
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=7)
