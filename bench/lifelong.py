@@ -120,11 +120,20 @@ class FixedBase(SequenceBase):
     def __init__(self, model: "torch.nn.Module", originals: dict[str, "torch.Tensor"]) -> None:
         super().__init__(model, [])
         self._weights = dict(originals)
+        self._sigma: dict[str, float] = {}
 
     def weight(self, name: str) -> "torch.Tensor":
         if name not in self._weights:
             self._weights[name] = self.model.get_parameter(name).detach().clone()
         return self._weights[name]
+
+    def top_singular(self, name: str) -> float:
+        """W0's largest singular value, once per matrix: it does not change along the run."""
+        import torch
+
+        if name not in self._sigma:
+            self._sigma[name] = float(torch.linalg.matrix_norm(self.weight(name).double().cpu(), ord=2))
+        return self._sigma[name]
 
     def keep(self, names) -> None:
         """Copy ``names`` before anything changes them."""
@@ -310,19 +319,19 @@ def point(chosen, specs, loaded, base, edits: int, config, names: set[str]) -> d
     if names:
         out["drift"] = {n: {"mean_abs_w": v["mean_abs_w"], "mean_abs_dw": v["mean_abs_dw"],
                             "base_mean_abs_w": float(base.weight(n).double().abs().mean()),
-                            **spectral(loaded.model.get_parameter(n), base.weight(n))}
+                            **spectral(loaded.model.get_parameter(n), base.weight(n), base.top_singular(n))}
                         for n, v in drift(loaded.model, base, sorted(names)).items()}
     return out
 
 
-def spectral(w: "torch.Tensor", w0: "torch.Tensor") -> dict[str, float]:
+def spectral(w: "torch.Tensor", w0: "torch.Tensor", top0: float) -> dict[str, float]:
     """ΔW's two largest singular values over W0's largest: the mean |W| of a layer averages over
     ~900k entries and hardly moves when one direction runs away (sequential MEMIT on zsRE: ΔW's
-    top singular value 14× W0's at 998 edits, mean |W| +48%), so the top two are kept beside it."""
+    top singular value 14× W0's at 998 edits, mean |W| +48%), so the top two are kept beside it.
+    ``top0`` is W0's largest singular value."""
     import torch
 
     s = torch.linalg.svdvals((w.detach().double() - w0.double()).cpu())
-    top0 = float(torch.linalg.matrix_norm(w0.double().cpu(), ord=2))
     return {"dw_sigma1_ratio": float(s[0]) / top0, "dw_sigma2_ratio": float(s[1]) / top0}
 
 
@@ -330,6 +339,12 @@ def spectral_of(p: dict) -> float | None:
     """The largest dw_sigma1_ratio over the edited layers; None for checkpoints from before it was recorded."""
     vals = [x["dw_sigma1_ratio"] for x in (p.get("drift") or {}).values() if "dw_sigma1_ratio" in x]
     return max(vals) if vals else None
+
+
+def layer_mean(p: dict, key: str) -> float:
+    """A drift figure (``mean_abs_w``, ``mean_abs_dw``, ``base_mean_abs_w``) averaged over the edited layers."""
+    d = p.get("drift") or {}
+    return sum(x[key] for x in d.values()) / max(len(d), 1)
 
 
 def headline(p: dict) -> dict[str, float]:
@@ -348,9 +363,7 @@ def headline(p: dict) -> dict[str, float]:
 
 def line(p: dict) -> str:
     h = headline(p)
-    d = p.get("drift") or {}
-    w = sum(x["mean_abs_w"] for x in d.values()) / max(len(d), 1)
-    dw = sum(x["mean_abs_dw"] for x in d.values()) / max(len(d), 1)
+    w, dw = layer_mean(p, "mean_abs_w"), layer_mean(p, "mean_abs_dw")
     return f"{p['edits']} edits " + " ".join(f"{k} {v:.3f}" for k, v in h.items()) + \
         f" mean|W| {w:.5f} mean|ΔW| {dw:.2e} ({p.get('edit_seconds', 0):.0f}s editing)"
 
@@ -359,17 +372,10 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     """Rank correlation: a run whose accuracy sits at the floor while its norm keeps growing has a
     weak Pearson r although the two never move apart (ties get their mean rank)."""
     def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
+        at: dict[float, list[int]] = {}
+        for i, x in enumerate(sorted(v)):
+            at.setdefault(x, []).append(i)
+        return [sum(at[x]) / len(at[x]) for x in v]
     return pearson(ranks(xs), ranks(ys))
 
 
@@ -410,10 +416,7 @@ def report(args) -> None:
                 if not args.all_points and p is not r["points"][-1] and p["edits"] % args.table_every:
                     continue
                 h = headline(p)
-                d = p["drift"]
-                w = sum(x["mean_abs_w"] for x in d.values()) / len(d)
-                dw = sum(x["mean_abs_dw"] for x in d.values()) / len(d)
-                base_w = sum(x["base_mean_abs_w"] for x in d.values()) / len(d)
+                w, dw, base_w = (layer_mean(p, k) for k in ("mean_abs_w", "mean_abs_dw", "base_mean_abs_w"))
                 steps = p.get("targets", {}).get("steps_mean")
                 sig = spectral_of(p)
                 print(f"| {r['label']} | {p['edits']} | " + " | ".join(f"{h[c]:.3f}" for c in cols) +
@@ -431,7 +434,7 @@ def report(args) -> None:
         print(f"\nPearson r (Spearman ρ) between the edited layers' mean |W| and {acc_key} across checkpoints:")
         pooled_x, pooled_y = [], []
         for r in sorted(runs, key=lambda r: r["label"]):
-            xs = [sum(x["mean_abs_w"] for x in p["drift"].values()) / len(p["drift"]) for p in r["points"]]
+            xs = [layer_mean(p, "mean_abs_w") for p in r["points"]]
             ys = [headline(p)[acc_key] for p in r["points"]]
             pooled_x += xs
             pooled_y += ys
@@ -456,7 +459,7 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
     for i, r in enumerate(sorted(runs, key=lambda r: r["label"])):
         style = {"marker": "o", "label": r["label"], "linestyle": ("-", "--", ":")[i // 10 % 3]}  # 10 colours a cycle
         xs = [p["edits"] for p in r["points"]]
-        w = [sum(x["mean_abs_w"] for x in p["drift"].values()) / len(p["drift"]) for p in r["points"]]
+        w = [layer_mean(p, "mean_abs_w") for p in r["points"]]
         acc = [headline(p)[acc_key] for p in r["points"]]
         ppl = [headline(p)["ppl"] / headline(r["unedited"])["ppl"] - 1 for p in r["points"]]
         axes[0].plot(xs, acc, **style)
@@ -464,7 +467,7 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
         top = max([top, *(100 * v for v in ppl)])
         axes[2].plot(w, acc, **style)
         if spectral_runs:
-            sig = [(p["edits"], spectral_of(p)) for p in r["points"] if spectral_of(p) is not None]
+            sig = [(e, v) for e, v in zip(xs, map(spectral_of, r["points"])) if v is not None]
             axes[3].plot([e for e, _ in sig], [v for _, v in sig], **style)
     axes[0].set(xlabel="edits", ylabel=acc_key, title=f"{protocol}: {acc_key} on all edits so far")
     axes[1].set(xlabel="edits", ylabel="perplexity increase (%)", title="WikiText-2 perplexity")
