@@ -209,6 +209,20 @@ def test_energy_share_null_space_keeps_the_stated_share():
     assert null_space_basis(c0, 1e-2, "energy")[0].shape == null_space_basis(1000 * c0, 1e-2, "energy")[0].shape
 
 
+def test_null_space_basis_is_memoised_on_the_statistics_content():
+    from kedit_plugins.lte.solve import null_space_basis
+
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    c0 = q @ torch.diag(torch.logspace(-4, 2, 30, dtype=torch.float64)) @ q.T
+    first = null_space_basis(c0, 0.2, "energy")
+    assert null_space_basis(c0.clone(), 0.2, "energy")[0] is first[0]  # equal bytes: no second eigh
+    assert null_space_basis(c0, 0.1, "energy")[0].shape[1] < first[0].shape[1]  # the rule is in the key
+    c0.copy_(q @ torch.diag(torch.linspace(1, 2, 30, dtype=torch.float64)) @ q.T)  # same tensor, new content
+    again, share = null_space_basis(c0, 0.2, "energy")
+    assert again.shape[1] == int((torch.cumsum(torch.linspace(1, 2, 30), 0) <= 0.2 * 45).sum()) != first[0].shape[1]
+    assert share <= 0.2
+
 def test_alphaedit_records_the_null_space_it_kept(env):
     from kedit.editing import EditPlan, compute_diff
     from kedit.stats import KeyStats
