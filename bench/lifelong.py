@@ -454,7 +454,11 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     spectral_runs = any(spectral_of(p) is not None for r in runs for p in r["points"])
-    fig, axes = plt.subplots(1, 4 if spectral_runs else 3, figsize=(20 if spectral_runs else 15, 4))
+    # Beyond a few runs an in-axes legend hides the L1 panel's points; put it under the panels.
+    below = len(runs) > 6
+    rows = -(-len(runs) // 4) if below else 0
+    fig, axes = plt.subplots(1, 4 if spectral_runs else 3,
+                             figsize=(20 if spectral_runs else 15, 4 + 0.22 * rows))
     top = 0.0  # the largest perplexity increase plotted, in %
     for i, r in enumerate(sorted(runs, key=lambda r: r["label"])):
         style = {"marker": "o", "label": r["label"], "linestyle": ("-", "--", ":")[i // 10 % 3]}  # 10 colours a cycle
@@ -480,8 +484,13 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
         axes[3].set_xlim(axes[0].get_xlim())  # runs from before it was recorded have their last point only
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
+    if below:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.22 * rows / (4 + 0.22 * rows) + 0.02, 1, 1))
+    else:
+        axes[2].legend(fontsize=7)
+        fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     print(f"wrote {out}", file=sys.stderr)
