@@ -456,9 +456,9 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
     spectral_runs = any(spectral_of(p) is not None for r in runs for p in r["points"])
     # Beyond a few runs an in-axes legend hides the L1 panel's points; put it under the panels.
     below = len(runs) > 6
-    rows = -(-len(runs) // 4) if below else 0
+    legend_h = 0.22 * -(-len(runs) // 4) if below else 0.0  # inches: a line per four labels
     fig, axes = plt.subplots(1, 4 if spectral_runs else 3,
-                             figsize=(20 if spectral_runs else 15, 4 + 0.22 * rows))
+                             figsize=(20 if spectral_runs else 15, 4 + legend_h))
     top = 0.0  # the largest perplexity increase plotted, in %
     for i, r in enumerate(sorted(runs, key=lambda r: r["label"])):
         style = {"marker": "o", "label": r["label"], "linestyle": ("-", "--", ":")[i // 10 % 3]}  # 10 colours a cycle
@@ -487,7 +487,7 @@ def plot(protocol: str, runs: list[dict], acc_key: str, out: Path) -> None:
     if below:
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
-        fig.tight_layout(rect=(0, 0.22 * rows / (4 + 0.22 * rows) + 0.02, 1, 1))
+        fig.tight_layout(rect=(0, legend_h / (4 + legend_h) + 0.02, 1, 1))
     else:
         axes[2].legend(fontsize=7)
         fig.tight_layout()
