@@ -99,7 +99,6 @@ def distributed_command(cmd):
         # other than 0 once it does, and any rank may be the one that fills the model cache
         resolve(getattr(args, "model", None))
         distributed.join(run_config(args).placement()["device"])
-        ok = False
         try:
             if distributed.is_writer():
                 code = cmd(args)
@@ -107,10 +106,11 @@ def distributed_command(cmd):
                 args.quiet = True
                 with contextlib.redirect_stdout(io.StringIO()):
                     code = cmd(args)
-            ok = True
-            return code
-        finally:
-            distributed.leave(wait=ok)
+        except BaseException:
+            distributed.leave(wait=False)
+            raise
+        distributed.leave()
+        distributed.exit_rank(int(code or 0))
     return run
 
 

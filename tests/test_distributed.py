@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kedit.arch import arch_for
-from kedit.distributed import leave
+from kedit.distributed import exit_rank, leave
 from kedit.stats import accumulate
 from kedit.testing import tiny_model, tiny_tokenizer
 
@@ -30,6 +30,7 @@ def _rank(rank: int, size: int, init: str, out: str) -> None:
             torch.save({"moments": moments, "count": count}, out)
     finally:
         leave()
+    exit_rank(0)  # a clean rank can still abort in C++ teardown at exit (about 1 run in 50)
 
 
 SPECS = [{"id": f"s{i}", "subject": subj, "prompt": "{} is located in", "target_new": new, "target_true": "Europe"}
@@ -72,6 +73,7 @@ def _work_rank(rank: int, size: int, init: str, out: str) -> None:
         torch.save(result, f"{out}.{rank}")  # every rank ends with the whole result
     finally:
         leave()
+    exit_rank(0)
 
 
 def test_two_gloo_ranks_give_the_one_process_values_scores_and_perplexity(tmp_path):
