@@ -399,10 +399,13 @@ def report(args) -> None:
     """Markdown tables per protocol, the L1-norm / accuracy correlation and plots."""
     results = json.loads(Path(args.results).read_text())["runs"]
     by_protocol: dict[str, list[dict]] = {}
-    for r in results.values():
-        if (args.only and args.only not in r["label"]) or (args.skip and args.skip in r["label"]):
+    for key, r in results.items():  # key: "protocol/label", so --only mqd-tf/ picks a protocol
+        if (args.only and args.only not in key) or (args.skip and args.skip in key):
             continue
         by_protocol.setdefault(r["protocol"], []).append(r)
+    if not by_protocol:
+        raise SystemExit(f"{args.results}: no run matches --only {args.only!r} / --skip {args.skip!r} "
+                         f"(runs: {', '.join(sorted(results))})")
     for protocol, runs in sorted(by_protocol.items()):
         acc_key = "rewrite" if protocol == "zsre" else "ES"
         print(f"\n### {protocol}\n")
@@ -518,8 +521,8 @@ def main() -> None:
     ap.add_argument("--glue-sample", type=int, default=50)
     ap.add_argument("--work", default=os.environ.get("KEDIT_BENCH_WORK", "/tmp/kedit-bench/lifelong"))
     ap.add_argument("--results", default=str(RESULTS), help="where results are merged (and --report reads)")
-    ap.add_argument("--only", default=None, help="--report: only labels containing this text")
-    ap.add_argument("--skip", default=None, help="--report: leave out labels containing this text")
+    ap.add_argument("--only", default=None, help="--report: only runs whose PROTOCOL/LABEL contains this text")
+    ap.add_argument("--skip", default=None, help="--report: leave out runs whose PROTOCOL/LABEL contains this text")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--all-points", action="store_true", help="--report: every checkpoint, not only the table's")
     ap.add_argument("--table-every", type=int, default=250)
