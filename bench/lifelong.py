@@ -241,6 +241,10 @@ def run(protocol: str, method: str, args) -> dict:
     state: dict[str, torch.Tensor] = {}
     if record_path.is_file():
         record = json.loads(record_path.read_text())
+        missing = sorted({"editor", "options", "batch", "files", "edits", "points"} - set(record))
+        if missing or not record.get("files"):
+            raise SystemExit(f"{record_path}: not a checkpoint of this bench (missing {', '.join(missing) or 'files'});"
+                             " remove the folder to start the run from 0 edits")
         if (record["editor"], record["options"], record["batch"], record.get("regs", [])) != \
                 (editor, options, args.batch, args.reg):
             raise SystemExit(f"{run_dir}: made with {record['editor']} {record['options']} batch {record['batch']} "
