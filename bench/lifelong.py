@@ -229,6 +229,16 @@ def run(protocol: str, method: str, args) -> dict:
         raise SystemExit(f"{args.results} already holds {protocol}/{label} ({stored} edits) and its checkpoint is not "
                          f"in {run_dir}, so this run would replace it from 0 edits: pass --replace, or --results "
                          "another file")
+    resumed = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if resumed is not None:  # checked before the model loads, so a wrong folder fails in a second
+        missing = sorted({"editor", "options", "batch", "files", "edits", "points"} - set(resumed))
+        if missing:
+            raise SystemExit(f"{record_path}: not a checkpoint of this bench (missing {', '.join(missing)}); remove "
+                             "the folder to start the run from 0 edits")
+        if (resumed["editor"], resumed["options"], resumed["batch"], resumed.get("regs", [])) != \
+                (editor, options, args.batch, args.reg):
+            raise SystemExit(f"{run_dir}: made with {resumed['editor']} {resumed['options']} batch "
+                             f"{resumed['batch']} regularizers {resumed.get('regs', [])}")
     run_dir.mkdir(parents=True, exist_ok=True)
     specs = load_specs(protocol, args.n)
     loaded = load(None, quiet=True)
@@ -239,16 +249,8 @@ def run(protocol: str, method: str, args) -> dict:
     chosen = resolve_evaluators(evaluators(protocol, args))
     originals: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        missing = sorted({"editor", "options", "batch", "files", "edits", "points"} - set(record))
-        if missing or not record.get("files"):
-            raise SystemExit(f"{record_path}: not a checkpoint of this bench (missing {', '.join(missing) or 'files'});"
-                             " remove the folder to start the run from 0 edits")
-        if (record["editor"], record["options"], record["batch"], record.get("regs", [])) != \
-                (editor, options, args.batch, args.reg):
-            raise SystemExit(f"{run_dir}: made with {record['editor']} {record['options']} batch {record['batch']} "
-                             f"regularizers {record.get('regs', [])}")
+    if resumed is not None:
+        record = resumed
         weights = load_file(str(run_dir / record["files"]["weights"]))
         state = {k: v for k, v in load_file(str(run_dir / record["files"]["state"])).items()}
         with torch.no_grad():
