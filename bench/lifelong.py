@@ -21,7 +21,8 @@ so ``--continue`` resumes a run cut off anywhere from its last checkpoint, in a 
 Results are merged into ``bench/results/lifelong.json`` (one entry per protocol and label); a run
 whose checkpoint is gone is not restarted over a stored result unless ``--replace`` says so (or
 ``--results`` names another file). ``--reg rect:0.4`` runs a regularizer chain on every step's
-deltas, as ``kedit apply --reg`` does.
+deltas, as ``kedit apply --reg`` does. ``--retry R`` edits again, after each batch and up to R
+rounds, the requests whose new target is not yet the most probable continuation of their prompt.
 
     python bench/lifelong.py --protocol zsre --method memit --method d4s --n 1000 --batch 1 --every 100
     python bench/lifelong.py --protocol zsre --method 'd4s:keys=reference' --n 1000 --batch 1 --continue
@@ -203,6 +204,8 @@ def run_label(protocol: str, method: str, args) -> str:
         parts.append(f"-stats={label_of(Path(args.stats_corpus).name)}")
     if args.stats_tokens != 1_000_000:
         parts.append(f"-{args.stats_tokens}tok")
+    if args.retry:
+        parts.append(f"-retry{args.retry}")
     return "".join(parts)
 
 
@@ -235,10 +238,11 @@ def run(protocol: str, method: str, args) -> dict:
         if missing:
             raise SystemExit(f"{record_path}: not a checkpoint of this bench (missing {', '.join(missing)}); remove "
                              "the folder to start the run from 0 edits")
-        if (resumed["editor"], resumed["options"], resumed["batch"], resumed.get("regs", [])) != \
-                (editor, options, args.batch, args.reg):
+        if (resumed["editor"], resumed["options"], resumed["batch"], resumed.get("regs", []),
+                resumed.get("retry", 0)) != (editor, options, args.batch, args.reg, args.retry):
             raise SystemExit(f"{run_dir}: made with {resumed['editor']} {resumed['options']} batch "
-                             f"{resumed['batch']} regularizers {resumed.get('regs', [])}")
+                             f"{resumed['batch']} regularizers {resumed.get('regs', [])} retry "
+                             f"{resumed.get('retry', 0)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     specs = load_specs(protocol, args.n)
     loaded = load(None, quiet=True)
@@ -262,6 +266,7 @@ def run(protocol: str, method: str, args) -> dict:
     else:
         record = {"protocol": protocol, "label": label, "editor": editor, "options": options, "n": args.n,
                   "batch": args.batch, "regs": list(args.reg), "reg_in_loop": args.reg_in_loop, "edits": 0,
+                  "retry": args.retry,
                   "points": [], "seconds": 0.0, "files": None,
                   "resolved": plan.options.model_dump(mode="json"),
                   "stats": {"corpus": args.stats_corpus, "n_tokens_requested": args.stats_tokens}}
@@ -281,11 +286,17 @@ def run(protocol: str, method: str, args) -> dict:
         stop = min(len(specs), (start // args.every + 1) * args.every, args.n)
         t0 = time.perf_counter()
         for i in range(start, stop, args.batch):
-            batch = specs[i:min(i + args.batch, stop)]
-            d = compute_diff(loaded, batch, plan, sequence=SequenceStep(base, state))
-            base.keep(d.deltas)
-            diffmod.apply(model, d)
-            targets.append(d.manifest.get("report", {}).get("targets", {}))
+            batch = todo = specs[i:min(i + args.batch, stop)]
+            for round_ in range(args.retry + 1):
+                d = compute_diff(loaded, todo, plan, sequence=SequenceStep(base, state))
+                base.keep(d.deltas)
+                diffmod.apply(model, d)
+                targets.append(d.manifest.get("report", {}).get("targets", {}))
+                if round_ < args.retry:
+                    todo = not_yet_most_probable(model, tok, todo)
+                    record["retried"] = record.get("retried", 0) + len(todo)
+                    if not todo:
+                        break
             if args.verbose:
                 print(f"  {i + len(batch)} edits, {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
         record["seconds"] += time.perf_counter() - t0
@@ -293,6 +304,8 @@ def run(protocol: str, method: str, args) -> dict:
         p = point(chosen, specs[:stop], loaded, base, stop, config, set(base._weights))
         p["edit_seconds"] = round(record["seconds"], 1)
         p["targets"] = summarize_targets(targets)
+        if args.retry:
+            p["retried"] = record.get("retried", 0)
         targets = []
         record["points"].append(p)
         save_checkpoint(run_dir, record, model, base, state)
@@ -300,6 +313,17 @@ def run(protocol: str, method: str, args) -> dict:
         print(f"{protocol}/{label}: {line(p)}", file=sys.stderr, flush=True)
     merge_result(protocol, label, record, Path(args.results))
     return record
+
+
+def not_yet_most_probable(model: "torch.nn.Module", tok: Any, specs: list[Any]) -> list[Any]:
+    """The requests whose new target is not yet the argmax, token by token (teacher forced), after
+    their prompt on the edited model: the ones ``--retry`` edits again."""
+    import torch
+
+    from kedit.scoring import TeacherForced
+
+    scores = TeacherForced(model, tok).score([(s.text, s.target_new) for s in specs])
+    return [s for s, sc in zip(specs, scores) if not bool((sc.argmax == torch.tensor(sc.target)).all())]
 
 
 def summarize_targets(reports: list[dict]) -> dict:
@@ -518,6 +542,9 @@ def main() -> None:
                                                            "(its checkpoint is gone)")
     ap.add_argument("--reg", action="append", default=[], help="regularizer NAME[:VALUE] run on every step's "
                                                                "deltas, e.g. rect:0.4; repeat for a chain")
+    ap.add_argument("--retry", type=int, default=0, help="after each batch, edit again (up to this many rounds) "
+                                                         "the requests whose target is not yet the most probable "
+                                                         "continuation of their prompt on the edited model")
     ap.add_argument("--reg-in-loop", action="store_true", help="regularize inside the editor's layer loop")
     ap.add_argument("--stats-corpus", default=str(WIKI), help="statistics corpus: a file, or builtin (kedit's "
                                                               "default); default: the Wikipedia sample")
