@@ -23,6 +23,7 @@ whose checkpoint is gone is not restarted over a stored result unless ``--replac
 ``--results`` names another file). ``--reg rect:0.4`` runs a regularizer chain on every step's
 deltas, as ``kedit apply --reg`` does. ``--retry R`` edits again, after each batch and up to R
 rounds, the requests whose new target is not yet the most probable continuation of their prompt.
+``--offset K`` runs on the cases after the first K (another slice of the same data).
 
     python bench/lifelong.py --protocol zsre --method memit --method d4s --n 1000 --batch 1 --every 100
     python bench/lifelong.py --protocol zsre --method 'd4s:keys=reference' --n 1000 --batch 1 --continue
@@ -82,7 +83,7 @@ def label_of(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")
 
 
-def load_specs(protocol: str, n: int) -> list[Any]:
+def load_specs(protocol: str, n: int, offset: int = 0) -> list[Any]:
     from kedit.plugins import lookup
     from kedit.spec import import_specs
 
@@ -96,7 +97,7 @@ def load_specs(protocol: str, n: int) -> list[Any]:
     if protocol == "counterfact" or protocol.startswith("mqd"):
         # the cases bench/lte.py and bench/sequential.py use: prompts that contain the subject
         specs = [s for s in specs if "{}" in s.prompt]
-    return specs[:n]
+    return specs[offset:offset + n]
 
 
 def default_batch(protocol: str) -> int:
@@ -206,6 +207,8 @@ def run_label(protocol: str, method: str, args) -> str:
         parts.append(f"-{args.stats_tokens}tok")
     if args.retry:
         parts.append(f"-retry{args.retry}")
+    if args.offset:
+        parts.append(f"-from{args.offset}")
     return "".join(parts)
 
 
@@ -244,7 +247,7 @@ def run(protocol: str, method: str, args) -> dict:
                              f"{resumed['batch']} regularizers {resumed.get('regs', [])} retry "
                              f"{resumed.get('retry', 0)}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    specs = load_specs(protocol, args.n)
+    specs = load_specs(protocol, args.n, args.offset)
     loaded = load(None, quiet=True)
     model, tok, _ = loaded
     config = RunConfig(quiet=True, seed=0)
@@ -266,14 +269,16 @@ def run(protocol: str, method: str, args) -> dict:
     else:
         record = {"protocol": protocol, "label": label, "editor": editor, "options": options, "n": args.n,
                   "batch": args.batch, "regs": list(args.reg), "reg_in_loop": args.reg_in_loop, "edits": 0,
-                  "retry": args.retry,
+                  "retry": args.retry, "offset": args.offset,
                   "points": [], "seconds": 0.0, "files": None,
                   "resolved": plan.options.model_dump(mode="json"),
                   "stats": {"corpus": args.stats_corpus, "n_tokens_requested": args.stats_tokens}}
     base = FixedBase(model, originals)
     plan = EditPlan(plan.editor, plan.options, plan.regs, plan.reg_in_loop, seed=0, stats=BaseStats(stats, base))
     if record["edits"] == 0 and not record["points"]:  # the unedited model, once per protocol and n
-        unedited = Path(args.work) / protocol / f"unedited-{args.n}-{label_of(','.join(evaluators(protocol, args)))}.json"
+        first = f"from{args.offset}-" if args.offset else ""
+        unedited = Path(args.work) / protocol / \
+            f"unedited-{first}{args.n}-{label_of(','.join(evaluators(protocol, args)))}.json"
         if not unedited.is_file():
             from kedit.atomic import atomic_write_text
 
@@ -534,6 +539,8 @@ def main() -> None:
     ap.add_argument("--protocol", choices=PROTOCOLS, default="zsre")
     ap.add_argument("--method", action="append", default=[], help="EDITOR[:KEY=VALUE,...]; repeat for several")
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--offset", type=int, default=0, help="skip this many cases first (another slice of the "
+                                                          "data; part of the run's label)")
     ap.add_argument("--batch", type=int, default=None, help="edits per step (default: 1 for zsre, 50 otherwise)")
     ap.add_argument("--every", type=int, default=None, help="checkpoint and evaluate every N edits "
                                                             "(default: 100 for zsre, 250 otherwise)")
