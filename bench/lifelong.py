@@ -241,11 +241,10 @@ def run(protocol: str, method: str, args) -> dict:
         if missing:
             raise SystemExit(f"{record_path}: not a checkpoint of this bench (missing {', '.join(missing)}); remove "
                              "the folder to start the run from 0 edits")
-        if (resumed["editor"], resumed["options"], resumed["batch"], resumed.get("regs", []),
-                resumed.get("retry", 0)) != (editor, options, args.batch, args.reg, args.retry):
+        if (resumed["editor"], resumed["options"], resumed["batch"], resumed.get("regs", [])) != \
+                (editor, options, args.batch, args.reg):  # --retry and --offset are spelled out in the label
             raise SystemExit(f"{run_dir}: made with {resumed['editor']} {resumed['options']} batch "
-                             f"{resumed['batch']} regularizers {resumed.get('regs', [])} retry "
-                             f"{resumed.get('retry', 0)}")
+                             f"{resumed['batch']} regularizers {resumed.get('regs', [])}")
     run_dir.mkdir(parents=True, exist_ok=True)
     specs = load_specs(protocol, args.n, args.offset)
     loaded = load(None, quiet=True)
@@ -323,12 +322,10 @@ def run(protocol: str, method: str, args) -> dict:
 def not_yet_most_probable(model: "torch.nn.Module", tok: Any, specs: list[Any]) -> list[Any]:
     """The requests whose new target is not yet the argmax, token by token (teacher forced), after
     their prompt on the edited model: the ones ``--retry`` edits again."""
-    import torch
-
     from kedit.scoring import TeacherForced
 
     scores = TeacherForced(model, tok).score([(s.text, s.target_new) for s in specs])
-    return [s for s, sc in zip(specs, scores) if not bool((sc.argmax == torch.tensor(sc.target)).all())]
+    return [s for s, sc in zip(specs, scores) if sc.token_acc < 1.0]
 
 
 def summarize_targets(reports: list[dict]) -> dict:
