@@ -438,6 +438,9 @@ def _(ctx: Ctx) -> Outcome:
 
 # --- chains, kills and writers --------------------------------------------------------------------
 
+EXACT_D4S = ("-o", "keys", "base", "-o", "residual", "once")  # the d4s mode whose single edits can be removed
+
+
 def _chain(ctx: Ctx, name: str, n: int = 3, **kw: Any) -> tuple[Path, Path]:
     folder = ctx.work / "chains" / name
     spec = ctx.file(f"chain-{name}.jsonl", jsonl(*[spec_line(id=f"c{i}", subject=s, target_new=t)
@@ -448,8 +451,8 @@ def _chain(ctx: Ctx, name: str, n: int = 3, **kw: Any) -> tuple[Path, Path]:
 
 def _start_chain(ctx: Ctx, folder: Path, spec: Path, **kw: Any) -> subprocess.CompletedProcess:
     return ctx.kedit("apply", spec, "--plugin", "d4s", "--model", ctx.llama, "--mode", "sequential", "--batch-size",
-                     "1", "--out", folder, "-o", "layers", "[1,2]", "-o", "v_steps", "3", "--corpus", ctx.corpus,
-                     "--stats-tokens", "800", "-q", **kw)
+                     "1", "--out", folder, "-o", "layers", "[1,2]", "-o", "v_steps", "3", *EXACT_D4S,
+                     "--corpus", ctx.corpus, "--stats-tokens", "800", "-q", **kw)
 
 
 def _weights(ctx: Ctx, folder: Path) -> str:
@@ -492,7 +495,7 @@ def _kill_case(share: float):
         folder, spec = _chain(ctx, f"kill{delay}")
         cmd = [sys.executable, "-m", "kedit.cli", "apply", str(spec), "--plugin", "d4s", "--model", str(ctx.llama),
                "--mode", "sequential", "--batch-size", "1", "--out", str(folder), "-o", "layers", "[1,2]", "-o",
-               "v_steps", "3", "--corpus", str(ctx.corpus), "--stats-tokens", "800", "-q"]
+               "v_steps", "3", *EXACT_D4S, "--corpus", str(ctx.corpus), "--stats-tokens", "800", "-q"]
         p = subprocess.Popen(cmd, env=ctx.env, cwd=ctx.work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)

@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                    ".json/.jsonl with a text field, hf:NAME (online), builtin (the default: CIA World Factbook "
                    "prose shipped with kedit) or sampled (text sampled from the model; minutes on a CPU)")
     p.add_argument("--stats-tokens", type=positive_int, help="token budget of the key statistics "
-                   "(default: 20,000 of the built-in corpus or of sampled text, 100,000 of a --corpus file)")
+                   "(default: 20,000 of the built-in corpus or of sampled text, 100,000 of a --corpus file; "
+                   "--mode sequential: all of the built-in corpus, up to 600,000)")
     p.add_argument("--after", action="append", default=[], metavar="DIFF",
                    help="apply these diffs (a chain, in order) first; the new diff continues the chain")
     p.add_argument("--seed", type=seed_int, default=0, help="seed for every random choice (recorded in the diff)")
@@ -678,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (apply, revert, export) or an existing -o diff (squash)")
     p.add_argument("--edit", action="append", default=[], metavar="ID",
                    help="revert: take this edit (spec id) out of a chain folder as if it had never been made, "
-                   "by appending a step (editors that keep per-edit sums: d4s); repeatable")
+                   "by appending a step (editors that keep per-edit sums: d4s with -o keys base -o residual once); repeatable")
     p.add_argument("--key", metavar="KEY.pem", help="sign: the private key file (PEM, ed25519; from keygen)")
     p.add_argument("--name", help="keygen, sign: the signer's name, recorded in KEY.pem.pub and in signatures "
                    "(sign defaults to the name in KEY.pem.pub)")

@@ -48,6 +48,10 @@ _VERSION = 2  # bump when what goes into a cache key or a cached file changes me
 DEFAULT_TOKENS = 100_000  # from a corpus file or a Hub data set
 DEFAULT_BUILTIN_TOKENS = 20_000  # ≈ 13 × d_k for SmolLM2; the reference notes put ~10 × d_k at ~95% of full quality
 DEFAULT_SAMPLED_TOKENS = 20_000  # sampling costs minutes on a CPU: kept as small as the built-in budget
+# --mode sequential with the built-in corpus: all of it (567k tokens with SmolLM2's tokenizer). The
+# budget's cost grows with the sequence (docs/sequential.md: 0.8 perplexity points on one batch of
+# 100, 3.9 after 200 sequential edits), and ~4.5 min once per model and layer set is small beside it.
+SEQUENCE_BUILTIN_TOKENS = 600_000
 
 
 class _Stop(Exception):

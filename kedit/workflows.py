@@ -179,6 +179,19 @@ def _continued(job: EditJob, config: RunConfig, chain: Any) -> tuple[EditJob, Ru
     return replace(job, **fields), config
 
 
+def sequence_stats(config: RunConfig) -> RunConfig:
+    """A new sequence's statistics budget: all of the built-in corpus unless one was asked for,
+    because what the small single-edit budget costs grows with the sequence. A chain records the
+    budget it was made with, so ``--continue`` keeps it."""
+    from .corpus import BUILTIN
+    from .stats import SEQUENCE_BUILTIN_TOKENS
+
+    s = config.stats
+    if s.n_tokens is not None or (s.corpus or BUILTIN) != BUILTIN:
+        return config
+    return replace(config, stats=replace(s, n_tokens=SEQUENCE_BUILTIN_TOKENS))
+
+
 def _apply_sequence(job: EditJob, config: RunConfig) -> dict[str, Any]:
     """Checks, then the run holding its chain folder or squashed output for its whole length."""
     specs = read_specs(job.specs)
@@ -194,6 +207,7 @@ def _apply_sequence(job: EditJob, config: RunConfig) -> dict[str, Any]:
             return _edit_sequence(job, config, specs, schedule, chain)
     assert job.editor is not None
     check_job(job)
+    config = sequence_stats(config)
     if job.squash:
         if job.out is not None and not job.out.endswith(diffmod.SUFFIX):
             raise InputError(f"--out {job.out}: with --squash the result is one diff, whose name ends in {diffmod.SUFFIX}")

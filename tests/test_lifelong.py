@@ -103,9 +103,11 @@ def _reference_d4s_loop(env, idx, options):
 
 
 def test_d4s_reference_keys_equal_the_reference_layer_loop(env):
-    want = _reference_d4s_loop(env, [0, 1, 2], {})
-    ref = _run(env, [0, 1, 2], env["tmp"] / "ref", editor="d4s", batch_size=1, options={"keys": "reference"})
-    base = _run(env, [0, 1, 2], env["tmp"] / "base", editor="d4s", batch_size=1, name="base")
+    once = {"residual": "once"}  # the reference's allocation
+    want = _reference_d4s_loop(env, [0, 1, 2], once)
+    ref = _run(env, [0, 1, 2], env["tmp"] / "ref", editor="d4s", batch_size=1, options={"keys": "reference", **once})
+    base = _run(env, [0, 1, 2], env["tmp"] / "base", editor="d4s", batch_size=1, name="base",
+                options={"keys": "base", **once})
     got, other = _final_weights(env, ref["chain"]), _final_weights(env, base["chain"])
     gap = max(float((got[n] - w).abs().max()) for n, w in want.items())
     differ = max(float((other[n] - w).abs().max()) for n, w in want.items())
@@ -117,8 +119,8 @@ def test_d4s_removal_is_refused_where_it_is_not_exact(env):
     from kedit.errors import InputError
     from kedit.workflows import remove_from_chain
 
-    for options in ({"keys": "reference"}, {"residual": "per_layer"}):
-        out = env["tmp"] / f"chain-{'-'.join(options.values())}"
+    for options in ({}, {"keys": "reference", "residual": "once"}, {"keys": "base", "residual": "per_layer"}):
+        out = env["tmp"] / f"chain-{'-'.join(options.values()) or 'defaults'}"
         res = _run(env, [0, 1], out, editor="d4s", options=options, name=out.name)
         with pytest.raises(InputError, match="exact removal of an edit needs keys=base and residual=once"):
             remove_from_chain(res["chain"], ["s1"], _config(env))
@@ -135,7 +137,8 @@ def test_d4s_per_layer_residual_leaves_less_for_the_upper_layers(env):
     stats = KeyStats(corpus=env["corpus"], n_tokens=1500)
     norms = {}
     for mode in ("once", "per_layer"):
-        d = compute_diff(loaded, specs, EditPlan.make(loaded.model, "d4s", {**FAST, "residual": mode}, stats=stats))
+        d = compute_diff(loaded, specs, EditPlan.make(loaded.model, "d4s", {**FAST, "keys": "base", "residual": mode},
+                                                        stats=stats))
         norms[mode] = [float(to_dense(d.deltas[n]).norm()) for n in sorted(d.deltas)]
     assert norms["once"][0] == pytest.approx(norms["per_layer"][0], rel=1e-4)  # the first layer sees the same
     assert norms["per_layer"][1] < norms["once"][1]

@@ -56,6 +56,7 @@ def _cli(cenv, *argv, fault=None, log=None, wait=True):
 def _start_args(cenv, out):
     return ["apply", cenv["spec"], "--plugin", "d4s", "--model", cenv["model"], "--mode", "sequential",
             "--batch-size", "1", "--out", out, "-o", "layers", "[1,2]", "-o", "v_steps", "3",
+            "-o", "keys", "base", "-o", "residual", "once",  # the mode whose single edits can be reverted
             "--corpus", cenv["corpus"], "--stats-tokens", "800", "-q"]
 
 

@@ -12,6 +12,7 @@ from conftest import write_jsonl
 from kedit import diff as diffmod
 
 FAST = {"layers": [1, 2], "v_steps": 4}
+EXACT = {"keys": "base", "residual": "once"}  # d4s's mode whose sequence is its batch and whose removal is exact
 NAMES = ["France", "Spain", "Italy", "Chile", "Peru"]
 TARGETS = ["Rome", "Berlin", "Oslo", "Lima", "Quito"]
 
@@ -94,8 +95,8 @@ def test_sequential_batch_of_all_equals_batch_mode(env):
 
 
 def test_d4s_sequence_equals_one_batch_over_all_edits(env):
-    seq = _run(env, [0, 1, 2, 3], env["tmp"] / "seq", editor="d4s", batch_size=1)
-    batch = _run(env, [0, 1, 2, 3], env["tmp"] / "batch", editor="d4s", batch_size=4)
+    seq = _run(env, [0, 1, 2, 3], env["tmp"] / "seq", editor="d4s", batch_size=1, options=EXACT)
+    batch = _run(env, [0, 1, 2, 3], env["tmp"] / "batch", editor="d4s", batch_size=4, options=EXACT)
     w1, w2 = _final_weights(env, seq["chain"]), _final_weights(env, batch["chain"])
     for n in w1:
         assert torch.allclose(w1[n], w2[n], atol=2e-6, rtol=1e-5), n
@@ -105,12 +106,12 @@ def test_d4s_removing_one_edit_matches_never_making_it(env):
     from kedit.sequence import Chain
     from kedit.workflows import remove_from_chain
 
-    full = _run(env, [0, 1, 2, 3], env["tmp"] / "full", editor="d4s")
+    full = _run(env, [0, 1, 2, 3], env["tmp"] / "full", editor="d4s", options=EXACT)
     r = remove_from_chain(full["chain"], ["s1"], _config(env))
     assert r["removes"] == ["s1"] and r["edits"] == 3
     chain = Chain.open(full["chain"])
     assert chain.spec_ids() == ["s0", "s2", "s3"] and chain.diffs()[-1].manifest["removes"] == ["s1"]
-    without = _run(env, [0, 2, 3], env["tmp"] / "without", editor="d4s", name="without")
+    without = _run(env, [0, 2, 3], env["tmp"] / "without", editor="d4s", name="without", options=EXACT)
     w1, w2 = _final_weights(env, full["chain"]), _final_weights(env, without["chain"])
     for n in w1:
         assert torch.allclose(w1[n], w2[n], atol=2e-6, rtol=1e-5), n
@@ -221,3 +222,24 @@ def test_rect_in_the_loop_masks_each_layer_before_the_next_is_solved(env):
     # the first layer is solved before anything was masked: the same; the second sees the mask
     assert torch.equal(to_dense(runs[True].deltas[first]), to_dense(runs[False].deltas[first]))
     assert not torch.equal(to_dense(runs[True].deltas[second]), to_dense(runs[False].deltas[second]))
+
+
+def test_a_new_sequence_takes_the_whole_builtin_corpus_unless_told(env, monkeypatch):
+    from kedit import stats as statsmod
+    from kedit.config import EditJob, RunConfig, StatsConfig
+    from kedit.sequence import Chain
+    from kedit.workflows import apply, sequence_stats
+
+    big = statsmod.SEQUENCE_BUILTIN_TOKENS
+    assert big > statsmod.DEFAULT_BUILTIN_TOKENS
+    assert sequence_stats(RunConfig()).stats.n_tokens == big
+    assert sequence_stats(RunConfig(stats=StatsConfig("builtin"))).stats.n_tokens == big
+    assert sequence_stats(RunConfig(stats=StatsConfig("builtin", 5000))).stats.n_tokens == 5000  # asked for
+    assert sequence_stats(RunConfig(stats=StatsConfig(env["corpus"]))).stats.n_tokens is None  # a file's own default
+    monkeypatch.setattr(statsmod, "SEQUENCE_BUILTIN_TOKENS", 900)  # the wiring, at a budget a test can afford
+    spec = write_jsonl(env["tmp"] / "bi.jsonl", _specs([0, 1]))
+    res = apply(EditJob(spec, "memit", dict(FAST), mode="sequential", out=env["tmp"] / "bi", batch_size=1),
+                RunConfig(model=env["model"], quiet=True))
+    chain = Chain.open(res["chain"])
+    assert chain.record["stats"]["n_tokens"] == 900 and chain.record["stats"]["corpus"] == "builtin"
+    assert chain.diffs()[0].manifest["stats"]["n_tokens_requested"] == 900
