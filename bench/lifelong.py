@@ -252,6 +252,15 @@ def run(protocol: str, method: str, args) -> dict:
     config = RunConfig(quiet=True, seed=0)
     stats = KeyStats(corpus=args.stats_corpus, n_tokens=args.stats_tokens)
     plan = EditPlan.make(model, editor, options, regs=args.reg, reg_in_loop=args.reg_in_loop, seed=0, stats=stats)
+    if resumed is not None and resumed.get("resolved"):  # a default changed since: resume as the run was made
+        now, then = plan.options.model_dump(mode="json"), resumed["resolved"]
+        changed = {k: then[k] for k in sorted(set(now) & set(then)) if now[k] != then[k]}
+        if changed:
+            print(f"{protocol}/{label}: resuming with the options it was made with, "
+                  f"{', '.join(f'{k}={v!r}' for k, v in changed.items())} (a default changed since)",
+                  file=sys.stderr, flush=True)
+            plan = EditPlan.make(model, editor, {**options, **changed}, regs=args.reg, reg_in_loop=args.reg_in_loop,
+                                 seed=0, stats=stats)
     chosen = resolve_evaluators(evaluators(protocol, args))
     originals: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
