@@ -197,7 +197,7 @@ def merge_result(protocol: str, label: str, record: dict, path: Path) -> None:
 
 def run_label(protocol: str, method: str, args) -> str:
     """The run's folder and results key: the method, then only what differs from the protocol's
-    defaults (regularizers, batch, statistics)."""
+    defaults (regularizers, batch, statistics, retries, offset)."""
     parts = [label_of(method), *(f"+{label_of(r)}" for r in args.reg), "-in-loop" if args.reg_in_loop else ""]
     if args.batch != default_batch(protocol):
         parts.append(f"-b{args.batch}")
@@ -277,7 +277,6 @@ def run(protocol: str, method: str, args) -> dict:
     else:
         record = {"protocol": protocol, "label": label, "editor": editor, "options": options, "n": args.n,
                   "batch": args.batch, "regs": list(args.reg), "reg_in_loop": args.reg_in_loop, "edits": 0,
-                  "retry": args.retry, "offset": args.offset,
                   "points": [], "seconds": 0.0, "files": None,
                   "resolved": plan.options.model_dump(mode="json"),
                   "stats": {"corpus": args.stats_corpus, "n_tokens_requested": args.stats_tokens}}

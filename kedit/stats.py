@@ -54,6 +54,15 @@ DEFAULT_SAMPLED_TOKENS = 20_000  # sampling costs minutes on a CPU: kept as smal
 SEQUENCE_BUILTIN_TOKENS = 600_000
 
 
+def default_budget(corpus: str | None, sequence: bool = False) -> int:
+    """The token budget when none is asked for: per corpus kind, and for a new sequence all of the
+    built-in corpus (:data:`SEQUENCE_BUILTIN_TOKENS`)."""
+    corpus = BUILTIN if corpus is None else str(corpus)
+    if sequence and corpus == BUILTIN:
+        return SEQUENCE_BUILTIN_TOKENS
+    return {BUILTIN: DEFAULT_BUILTIN_TOKENS, SAMPLED: DEFAULT_SAMPLED_TOKENS}.get(corpus, DEFAULT_TOKENS)
+
+
 class _Stop(Exception):
     """Raised by the deepest layer's hook: nothing after it is needed, so the forward ends there."""
 
@@ -306,7 +315,7 @@ class KeyStats(StatsProvider):
                  seed: int = 0, batch_size: int = 16, progress: Progress | None = None) -> None:
         corpus = BUILTIN if corpus is None else str(corpus)
         if n_tokens is None:
-            n_tokens = {BUILTIN: DEFAULT_BUILTIN_TOKENS, SAMPLED: DEFAULT_SAMPLED_TOKENS}.get(corpus, DEFAULT_TOKENS)
+            n_tokens = default_budget(corpus)
         self._max_len_given = max_len is not None
         max_len = DEFAULT_MAX_LEN if max_len is None else max_len
         if n_tokens < 1 or max_len < 1 or batch_size < 1:

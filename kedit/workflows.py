@@ -183,13 +183,12 @@ def sequence_stats(config: RunConfig) -> RunConfig:
     """A new sequence's statistics budget: all of the built-in corpus unless one was asked for,
     because what the small single-edit budget costs grows with the sequence. A chain records the
     budget it was made with, so ``--continue`` keeps it."""
-    from .corpus import BUILTIN
-    from .stats import SEQUENCE_BUILTIN_TOKENS
+    from .stats import default_budget
 
-    s = config.stats
-    if s.n_tokens is not None or (s.corpus or BUILTIN) != BUILTIN:
+    s, budget = config.stats, default_budget(config.stats.corpus, sequence=True)
+    if s.n_tokens is not None or budget == default_budget(s.corpus):  # asked for, or no different
         return config
-    return replace(config, stats=replace(s, n_tokens=SEQUENCE_BUILTIN_TOKENS))
+    return replace(config, stats=replace(s, n_tokens=budget))
 
 
 def _apply_sequence(job: EditJob, config: RunConfig) -> dict[str, Any]:
